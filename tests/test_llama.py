@@ -1,0 +1,265 @@
+"""LLaMA in model.py: numerics against a float64 reference, KV cache, loading both layouts, errors."""
+import json
+import math
+
+import pytest
+import torch
+
+from model import KVCache, Llama, ModelArgs, Tokenizer, apply_rope, load_llama, rope_angles
+from tests.checkpoints import random_state, train_tokenizer, write_hf, write_meta
+
+torch.set_grad_enabled(False)
+
+
+def tiny_args(**kw):
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32, norm_eps=1e-5)
+    return ModelArgs(**{**base, **kw})
+
+
+def reference_logits(state, args, tokens, pos_offset=0):
+    """Naive float64 LLaMA: loops over samples and heads, Meta's complex-number RoPE."""
+    sd = {k: v.double() for k, v in state.items()}
+    hd, nh, nkv = args.dim // args.n_heads, args.n_heads, args.kv_heads
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + args.norm_eps) * w
+
+    def rotate(x, t):  # x (hd,) at position t, pairs (0,1), (2,3), ...
+        freqs = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        z = torch.view_as_complex(x.reshape(hd // 2, 2).contiguous()) * torch.polar(
+            torch.ones(hd // 2, dtype=torch.float64), t * freqs)
+        return torch.view_as_real(z).reshape(hd)
+
+    out = []
+    for seq in tokens:
+        T = len(seq)
+        x = sd["tok_embeddings.weight"][seq]
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            h = rms(x, sd[p + "attention_norm.weight"])
+            q, k, v = (h @ sd[p + f"attention.{n}.weight"].T for n in ("wq", "wk", "wv"))
+            heads = []
+            for head in range(nh):
+                g = head // (nh // nkv)  # the key/value head this query head shares
+                qh = torch.stack([rotate(q[t, head * hd:(head + 1) * hd], t + pos_offset) for t in range(T)])
+                kh = torch.stack([rotate(k[t, g * hd:(g + 1) * hd], t + pos_offset) for t in range(T)])
+                vh = v[:, g * hd:(g + 1) * hd]
+                o = torch.zeros(T, hd, dtype=torch.float64)
+                for t in range(T):
+                    s = torch.tensor([qh[t] @ kh[j] / math.sqrt(hd) for j in range(t + 1)])
+                    w = torch.exp(s - s.max())
+                    o[t] = (w / w.sum()) @ vh[: t + 1]
+                heads.append(o)
+            x = x + torch.cat(heads, 1) @ sd[p + "attention.wo.weight"].T
+            h = rms(x, sd[p + "ffn_norm.weight"])
+            a, b = h @ sd[p + "feed_forward.w1.weight"].T, h @ sd[p + "feed_forward.w3.weight"].T
+            x = x + (a / (1 + torch.exp(-a)) * b) @ sd[p + "feed_forward.w2.weight"].T
+        out.append(rms(x, sd["norm.weight"]) @ sd["output.weight"].T)
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+def model_from(args, state):
+    m = Llama(args)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_logits_match_float64_reference(n_kv_heads):
+    args = tiny_args(n_kv_heads=n_kv_heads)
+    state = random_state(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 9))
+    got = model_from(args, state)(tokens).double()
+    want = reference_logits(state, args, tokens)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_rope_rotates_adjacent_pairs_at_absolute_positions():
+    # Attention scores only see relative positions, so check the rotation itself, far out too.
+    x = torch.randn(1, 3, 2, 16)  # (B, T, H, hd)
+    positions = torch.tensor([0, 7, 1500])
+    cos, sin = rope_angles(positions, 16, 10000.0)
+    got = apply_rope(x, cos[None], sin[None]).double()
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    for t, p in enumerate(positions.tolist()):
+        z = torch.view_as_complex(x[0, t].double().reshape(2, 8, 2)) * torch.polar(
+            torch.ones(8, dtype=torch.float64), p * freqs)
+        assert (got[0, t] - torch.view_as_real(z).reshape(2, 16)).abs().max() < 1e-4
+
+
+def test_ffn_width_follows_meta_rounding():
+    assert ModelArgs(dim=4096, multiple_of=256).ffn_hidden == 11008  # LLaMA-7B
+    assert ModelArgs(dim=5120, multiple_of=256).ffn_hidden == 13824  # LLaMA-13B
+    assert ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden == 28672  # LLaMA-2-70B
+
+
+def test_meta_one_and_two_shards_and_hf_give_identical_logits(tmp_path, tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    args = tiny_args(vocab_size=tok.n_words)
+    state = random_state(args)
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5)
+    # The tokenizer sits in the parent folder, as in Meta's release (llama/tokenizer.model, llama/7B/).
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    write_meta(tmp_path / "one", params, state, 1, extra={"rope.freqs": torch.ones(8)})
+    write_meta(tmp_path / "two", params, state, 2)
+    write_hf(tmp_path / "hf", args, state)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    tokens = torch.tensor([tok.encode("The quick brown fox", bos=True, eos=False)])
+    logits = []
+    for name in ("one", "two", "hf"):
+        model, t = load_llama(tmp_path / name)
+        assert model.args.vocab_size == tok.n_words and t.n_words == tok.n_words
+        logits.append(model(tokens))
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+    want = reference_logits(state, args, tokens)
+    assert (logits[0].double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_hf_safetensors(tmp_path, tokenizer_path):
+    pytest.importorskip("safetensors")
+    args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words)
+    state = random_state(args)
+    write_hf(tmp_path, args, state, fmt="safetensors")
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    model, _ = load_llama(tmp_path)
+    tokens = torch.randint(0, args.vocab_size, (1, 5))
+    assert torch.equal(model(tokens), model_from(args, state)(tokens))
+
+
+def test_load_in_requested_dtype(tmp_path, tokenizer_path):
+    args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words)
+    write_meta(tmp_path, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=args.vocab_size,
+                              multiple_of=32, norm_eps=1e-5), random_state(args))
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    model, _ = load_llama(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_cached_decoding_equals_full_forward():
+    args = tiny_args()
+    model = model_from(args, random_state(args))
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    full = model(tokens, pos_offset=1)
+    cache = KVCache(args, batch=2, max_len=16)
+    steps = [model(tokens[:, :5], cache=cache, pos_offset=1)]  # prefill
+    steps.append(model(tokens[:, 5:8], cache=cache, pos_offset=1))  # a chunk after the prefill
+    steps += [model(tokens[:, t:t + 1], cache=cache, pos_offset=1) for t in range(8, 12)]  # decode
+    assert cache.len == 12
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+def test_left_padded_batch_of_different_lengths():
+    args = tiny_args()
+    model = model_from(args, random_state(args))
+    a = torch.randint(3, args.vocab_size, (1, 9))
+    b = torch.randint(3, args.vocab_size, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])  # b left-padded
+    cache = KVCache(args, batch=2, max_len=14, pad=[0, 5])
+    prefill = model(batch, cache=cache, pos_offset=1)
+    nxt = torch.randint(3, args.vocab_size, (2, 3))
+    steps = [model(nxt[:, t:t + 1], cache=cache, pos_offset=1) for t in range(3)]
+    assert torch.isfinite(prefill).all()
+    want_a = model(torch.cat([a, nxt[:1]], 1), pos_offset=1)
+    want_b = model(torch.cat([b, nxt[1:]], 1), pos_offset=1)
+    got = torch.cat([prefill[:, -1:]] + steps, 1)
+    assert (got[0] - want_a[0, -4:]).abs().max() < 1e-5
+    assert (got[1] - want_b[0, -4:]).abs().max() < 1e-5
+    assert (prefill[1, 5:] - want_b[0, :4]).abs().max() < 1e-5
+
+
+def test_route_runs_single_tokens_without_rope():
+    args = tiny_args()
+    model = model_from(args, random_state(args))
+    m = torch.randn(3, 1, args.dim)
+    routes = model.route(m)
+    assert routes == [(None, None)] * args.n_layers  # a plain LLaMA has no routers
+
+
+def test_tokenizer(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    ids = tok.encode("The quick brown fox", bos=True, eos=True)
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
+    assert tok.decode(ids[1:-1]) == "The quick brown fox"
+    assert tok.encode("fox", bos=False, eos=False)[0] not in (1, 2)
+    assert tok.n_words == 320
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32, norm_eps=1e-5)
+
+
+@pytest.fixture
+def meta_dir(tmp_path, tokenizer_path):
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    return tmp_path
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no LLaMA checkpoint folder"):
+        load_llama(tmp_path / "nope")
+
+
+def test_empty_folder_names_both_layouts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params.json.*config.json"):
+        load_llama(tmp_path)
+
+
+def test_params_without_shards(meta_dir):
+    (meta_dir / "params.json").write_text(json.dumps(PARAMS))
+    with pytest.raises(FileNotFoundError, match="no consolidated"):
+        load_llama(meta_dir)
+
+
+def test_missing_tokenizer(tmp_path):
+    write_meta(tmp_path / "7B", PARAMS, random_state(tiny_args()))
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        load_llama(tmp_path / "7B")
+
+
+def test_shape_mismatch_names_key_and_shapes(meta_dir):
+    write_meta(meta_dir, {**PARAMS, "dim": 128}, random_state(tiny_args()))
+    with pytest.raises(ValueError, match=r"tok_embeddings.weight: checkpoint has shape \(320, 64\), the config expects \(320, 128\)"):
+        load_llama(meta_dir)
+
+
+def test_missing_and_unexpected_keys(meta_dir):
+    state = random_state(tiny_args())
+    state.pop("layers.1.ffn_norm.weight")
+    state["layers.0.attention.bias"] = torch.zeros(3)
+    write_meta(meta_dir, PARAMS, state)
+    with pytest.raises(KeyError, match=r"missing keys \['layers.1.ffn_norm.weight'\].*unexpected keys \['layers.0.attention.bias'\]"):
+        load_llama(meta_dir)
+
+
+def test_unknown_params_key(meta_dir):
+    write_meta(meta_dir, {**PARAMS, "use_scaled_rope": True}, random_state(tiny_args()))
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        load_llama(meta_dir)
+
+
+def test_shards_that_disagree(meta_dir):
+    write_meta(meta_dir, PARAMS, random_state(tiny_args()), n_shards=2)
+    shard = torch.load(meta_dir / "consolidated.01.pth")
+    shard["norm.weight"] = shard["norm.weight"] + 1  # a copied norm that differs
+    torch.save(shard, meta_dir / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="shards disagree on norm.weight"):
+        load_llama(meta_dir)
+    shard.pop("output.weight")
+    torch.save(shard, meta_dir / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="shards disagree.*output.weight"):
+        load_llama(meta_dir)
+
+
+def test_kv_cache_overflow():
+    args = tiny_args()
+    model = model_from(args, random_state(args))
+    cache = KVCache(args, batch=1, max_len=4)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
