@@ -432,3 +432,18 @@ def read_hf(folder: Path):
         else:
             state[key] = t
     return args, state
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description="Parameter summary of a LaVIN preset, built without weights.")
+    p.add_argument("--preset", default="lavin-7b", choices=["lavin-7b", "lavin-13b"])
+    t0 = time.perf_counter()
+    from lavin import build_preset, summary
+
+    name = p.parse_args().preset
+    model = build_preset(name)
+    print(f"{name}, built on the meta device in {time.perf_counter() - t0:.2f}s (no weights, no files)")
+    print(summary(model))

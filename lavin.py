@@ -1,0 +1,254 @@
+"""LaVIN: a frozen LLaMA that sees through a frozen CLIP ViT (Luo et al., NeurIPS 2023, sec. 3).
+
+    image ─> CLIP ViT (frozen, MM-adapter before attention in every block)
+               └─ [CLS] after blocks 4, 8, .., 24 ─> adapter_proj (the visual neck) ─> 6 tokens ─┐
+    tokens: [BOS] prompt answer [EOS]                                                             │
+             └─> [BOS] "Image: " <6 visual tokens> prompt answer      (image samples) <───────────┘
+                 [BOS] "Image: N/A" prompt answer                      (text-only samples)
+    img_indicator ─> adapter_modality_embedding ─> modality token m ─> Llama.route(m)
+                                                   └─> router weights of every LLaMA block
+    LLaMA (frozen, MM-adapter before attention in every block, mixing its two paths by those
+    weights) ─> logits ─> next-token loss on the answer only
+
+The official code prepends m to the sequence and masks it from every text token. Since m then
+sees only itself, its hidden states (and the routing weights read off them) do not depend on
+the text: we run it through the blocks on its own (`Llama.route`) and keep the text on the fast
+causal attention path. Text positions still start at 1, where the official code puts them.
+Only names containing "adapter" train: ~3.8M parameters for LaVIN-7B, ~5.4M for 13B.
+"""
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapter import MMAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
+from model import Llama, ModelArgs
+from router import modality_embedding
+
+IGNORE_INDEX = -100  # label of every position that carries no loss
+
+
+@dataclass
+class LaVINArgs:
+    adapter_dim: int = 8  # the adapters' bottleneck width
+    adapter_groups: int = 2  # groups of the up-projections (block-diagonal)
+    adapter_scale: float = 1.0  # s in x + s * adapter(x)
+    adapter_dropout: float = 0.1
+    temperature: float = 10.0  # router softmax temperature: 10 for LaVIN-7B, 5 for 13B
+    adapter_mlp: bool = False  # the paper's "block" variant: a second adapter before the FFN
+    hidden_proj: int = 128  # the visual neck's hidden width
+    every: int = 4  # take CLIP's [CLS] after every 4th block: 6 visual tokens from ViT-L/14
+
+
+class AdapterMLP(nn.Module):
+    """The visual neck: Linear(clip width, 128) -> SiLU -> Linear(128, LLaMA dim), xavier init."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.conv_A = nn.Linear(in_features, hidden)  # official names (Linear layers there too)
+        self.conv_B = nn.Linear(hidden, out_features)
+        for layer in (self.conv_A, self.conv_B):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        return self.conv_B(F.silu(self.conv_A(x)))
+
+
+class LaVIN(nn.Module):
+    def __init__(self, args: LaVINArgs, llama: Llama, visual: nn.Module, prefix_img, prefix_text):
+        """llama and visual are the (loaded, frozen) backbones; their adapter slots get filled here.
+        prefix_img / prefix_text: token ids of "Image: " and "Image: N/A", each encoded on its own
+        without BOS (as the official code does, so sentencepiece adds its leading space)."""
+        super().__init__()
+        self.args = args
+        self.llama, self.visual = llama, visual
+        dim, width = llama.args.dim, visual.width
+        device = llama.tok_embeddings.weight.device
+
+        def mm_adapter(d):
+            return MMAdapter(d, args.adapter_dim, args.adapter_groups, args.adapter_scale,
+                             args.adapter_dropout, args.temperature).to(device)
+
+        for block in llama.layers:
+            block.adapter_attn = mm_adapter(dim)
+            if args.adapter_mlp:
+                block.adapter_mlp = mm_adapter(dim)
+        for block in visual.transformer.resblocks:
+            block.adapter_attn = mm_adapter(width)
+        self.adapter_proj = AdapterMLP(width, args.hidden_proj, dim).to(device)
+        self.adapter_modality_embedding = modality_embedding(dim).to(device)
+        self.register_buffer("prefix_img", torch.tensor(prefix_img, device=device), persistent=False)
+        self.register_buffer("prefix_text", torch.tensor(prefix_text, device=device), persistent=False)
+        self.n_visual = visual.layers // args.every
+        self.folded = None  # the modality whose routing is folded into LLaMA (see fold)
+        mark_trainable(self)
+
+    def embed(self, tokens, images=None, img_indicator=None, labels=None):
+        """Token ids (B, T) -> embeddings (B, T + E, dim) with "Image: " and the visual tokens, or
+        "Image: N/A", inserted after BOS; labels (B, T) are moved along with their tokens and the
+        inserted positions get IGNORE_INDEX. E is the longer insertion; samples with a shorter one
+        end in E' padding positions that carry no loss (the causal mask keeps them harmless)."""
+        B, T = tokens.shape
+        emb = self.llama.tok_embeddings
+        dim, dtype = emb.weight.shape[1], emb.weight.dtype
+        has_img = torch.zeros(B, dtype=torch.bool, device=tokens.device) if img_indicator is None \
+            else img_indicator.bool()
+        n_img, n_txt = len(self.prefix_img) + self.n_visual, len(self.prefix_text)
+        E = max(n_img, n_txt)
+        x_txt = F.pad(emb(self.prefix_text), (0, 0, 0, E - n_txt)).expand(B, E, dim)  # (B, E, dim)
+        if images is not None:
+            feats = self.visual(images, self.args.every)  # (B, n_visual, clip width)
+            vis = self.adapter_proj(feats.to(self.adapter_proj.conv_A.weight.dtype)).to(dtype)
+            x_img = torch.cat([emb(self.prefix_img).expand(B, -1, dim), vis], 1)  # (B, n_img, dim)
+            x_img = F.pad(x_img, (0, 0, 0, E - n_img))  # (B, E, dim)
+            extras = torch.where(has_img[:, None, None], x_img, x_txt)
+        else:
+            extras = x_txt  # (every sample is text-only without images)
+            has_img = torch.zeros_like(has_img)
+        n_ins = torch.where(has_img, n_img, n_txt)[:, None]  # (B, 1) tokens inserted per sample
+        j = torch.arange(T + E, device=tokens.device)[None]  # (1, T + E) new positions
+        inserted = (j >= 1) & (j < 1 + n_ins)  # (B, T + E)
+        src = torch.where(j == 0, 0, j - n_ins).clamp(0, T - 1)  # (B, T + E) where text comes from
+        text = emb(tokens.gather(1, src))  # (B, T + E, dim)
+        ext = extras.gather(1, (j - 1).clamp(0, E - 1)[..., None].expand(B, -1, dim))  # (B, T + E, dim)
+        h = torch.where(inserted[..., None], ext, text)
+        if labels is None:
+            return h, None
+        past_end = j - n_ins >= T  # the padding tail of samples with the shorter insertion
+        new_labels = labels.gather(1, src).masked_fill(inserted | past_end, IGNORE_INDEX)
+        return h, new_labels
+
+    def routes(self, img_indicator, batch: int, device, dtype):
+        """Router weights of every LLaMA block, from the modality token (B, 1, dim) alone."""
+        ind = torch.zeros(batch, dtype=torch.long, device=device) if img_indicator is None else img_indicator.long()
+        if self.folded is not None:
+            return None
+        m = self.adapter_modality_embedding(ind)[:, None].to(dtype)  # (B, 1, dim)
+        return self.llama.route(m)
+
+    def forward(self, tokens, images=None, img_indicator=None, labels=None):
+        """Logits (B, T + E, vocab) of the sequence `embed` builds; with labels, the mean
+        next-token cross-entropy over the answer tokens instead."""
+        if self.folded is not None and img_indicator is not None and bool((img_indicator != self.folded).any()):
+            raise ValueError(f"this model's routing is folded for modality {self.folded} only")
+        h, labels = self.embed(tokens, images, img_indicator, labels)
+        routes = self.routes(img_indicator, tokens.shape[0], tokens.device, h.dtype)
+        logits = self.llama(embeds=h, routes=routes, pos_offset=1)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def fold(self, modality: int):
+        """Fold the LLaMA adapters into wq/wk/wv (and w1/w3) for one modality (router.IMAGE or
+        router.TEXT): all samples of a modality share one routing, so each adapter is then a
+        fixed affine map. Inference then costs what plain LLaMA costs. CLIP's adapters route every
+        token on its own hidden state, so they stay as they are."""
+        m = self.adapter_modality_embedding.weight[modality][None, None]  # (1, 1, dim)
+        for block, (w_attn, w_mlp) in zip(self.llama.layers, self.llama.route(m)):
+            for adapter, w, readers in ((block.adapter_attn, w_attn, (block.attention, "wq", "wk", "wv")),
+                                        (block.adapter_mlp, w_mlp, (block.feed_forward, "w1", "w3"))):
+                if adapter is None:
+                    continue
+                parent, *names = readers
+                for name in names:
+                    old = getattr(parent, name)
+                    W, b = fold_adapter(adapter, w, old.weight, old.bias)
+                    new = nn.Linear(W.shape[1], W.shape[0], bias=True, device=W.device, dtype=W.dtype)
+                    new.weight.copy_(W)
+                    new.bias.copy_(b)
+                    setattr(parent, name, new.requires_grad_(False))
+            block.adapter_attn = block.adapter_mlp = None
+        self.folded = modality
+        return self
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_adapters(path, model: LaVIN, **extra):
+    """Only what trains, plus the configs it belongs to; written atomically (a crash leaves the
+    previous file whole). Loadable with weights_only=True."""
+    path = Path(path)
+    state = {"model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},
+             "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_adapters(model: LaVIN, path):
+    """Load our own adapter checkpoint or an official LaVIN one (`checkpoint-19.pth`); every key
+    and shape is checked before anything is copied. Returns the checkpoint dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter checkpoint at {path}")
+    # The official files pickle the training script's argparse.Namespace; allow that one class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise KeyError(f"{path}: not an adapter checkpoint (no 'model' entry)")
+    state = ckpt["model"]
+    official = "lavin_args" not in ckpt
+    if official:
+        check_official_args(ckpt.get("args"), model.args, path)
+        state = convert_official(state)
+    load_trainable(model, state, source=str(path))
+    return ckpt
+
+
+def check_official_args(ns, args: LaVINArgs, path):
+    """The official Namespace says which adapter dim and temperature the weights were trained with."""
+    if ns is None:
+        return
+    for theirs, ours in (("adapter_dim", "adapter_dim"), ("temperature", "temperature"),
+                         ("hidden_proj", "hidden_proj")):
+        if hasattr(ns, theirs) and getattr(ns, theirs) != getattr(args, ours):
+            raise ValueError(f"{path} was trained with {theirs}={getattr(ns, theirs)}, this model has "
+                             f"{ours}={getattr(args, ours)}")
+    if getattr(ns, "adapter_type", "router") == "router_block" and not args.adapter_mlp:
+        raise ValueError(f"{path} has adapters before the feed-forward too (adapter_type router_block): "
+                         "build the model with adapter_mlp=True")
+
+
+# ----------------------------------------------------------------------------- presets
+
+LLAMA_PRESETS = {  # Meta's params.json of each size (vocab from the tokenizer: 32000)
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
+}
+VIT_L14 = dict(resolution=224, patch_size=14, width=1024, layers=24, output_dim=768)
+PRESETS = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B", LaVINArgs(temperature=5.0))}
+
+
+def build_preset(name: str, device="meta") -> LaVIN:
+    """A LaVIN preset built from configs alone (on the meta device: no memory, no files)."""
+    from clip import VisionTransformer
+
+    size, args = PRESETS[name]
+    with torch.device(device):
+        llama = Llama(LLAMA_PRESETS[size])
+        visual = VisionTransformer(**VIT_L14)
+    # Placeholder ids for "Image: " and "Image: N/A": they change no parameter count.
+    return LaVIN(args, llama, visual, [0] * 3, [0] * 5)
+
+
+def summary(model: LaVIN) -> str:
+    def count(module, trainable=None):
+        return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+
+    rows = [("total", count(model)), ("frozen", count(model, False)), ("trainable", count(model, True))]
+    parts = {
+        "  LLaMA adapters + routers": sum(count(b.adapter_attn) + (count(b.adapter_mlp) if b.adapter_mlp else 0)
+                                          for b in model.llama.layers),
+        "  CLIP adapters + routers": sum(count(b.adapter_attn) for b in model.visual.transformer.resblocks),
+        "  visual neck (adapter_proj)": count(model.adapter_proj),
+        "  modality embedding": count(model.adapter_modality_embedding),
+    }
+    rows += list(parts.items())
+    return "\n".join(f"{k:<32}{v:>16,}" for k, v in rows)

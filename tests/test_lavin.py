@@ -1,0 +1,317 @@
+"""The mixture-of-modality adapters, the router and the LaVIN assembly (adapter.py, router.py, lavin.py)."""
+import argparse
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapter import GroupedLinear, MMAdapter, fold_adapter, trainable_state_dict
+from clip import VisionTransformer
+from lavin import IGNORE_INDEX, LaVIN, LaVINArgs, build_preset, load_adapters, save_adapters
+from model import Llama, ModelArgs
+from router import IMAGE, TEXT, Router
+from tests.checkpoints import random_state
+
+PREFIX_IMG, PREFIX_TXT = [7, 8, 9], [7, 8, 10, 11]  # stand-ins for "Image: " / "Image: N/A"
+
+
+def tiny_lavin(seed=0, randomize_adapters=True, **kw):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32)
+    llama = Llama(args)
+    llama.load_state_dict(random_state(args, seed))
+    visual = VisionTransformer(resolution=32, patch_size=8, width=64, layers=8, output_dim=16)
+    model = LaVIN(LaVINArgs(**kw), llama, visual, PREFIX_IMG, PREFIX_TXT)
+    if randomize_adapters:  # zero-initialised up-projections would hide every routing effect
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "adapter" in name and (".conv_B." in name or ".conv_D." in name):
+                    p.normal_(0, 0.3)
+    return model.eval()
+
+
+def batch(B=3, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(13, 50, (B, T), generator=g)
+    tokens[:, 0] = 1  # BOS
+    images = torch.randn(B, 3, 32, 32, generator=g)
+    ind = torch.tensor([1, 0, 1][:B])
+    labels = tokens.clone()
+    labels[:, :3] = IGNORE_INDEX  # the prompt
+    return tokens, images, ind, labels
+
+
+# ------------------------------------------------------------------------------- adapter, router
+
+def test_grouped_linear_is_a_grouped_kernel_1_conv1d():
+    lin = GroupedLinear(8, 64, groups=2)
+    torch.nn.init.normal_(lin.weight)
+    torch.nn.init.normal_(lin.bias)
+    x = torch.randn(3, 5, 8)
+    want = F.conv1d(x.transpose(1, 2), lin.weight[..., None], lin.bias, groups=2).transpose(1, 2)
+    assert torch.allclose(lin(x), want, atol=1e-5)
+
+
+def test_mm_adapter_against_float64_formula():
+    ad = MMAdapter(16, hidden=4, groups=2, scale=0.7, temperature=5.0).eval()
+    for p in ad.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    sd = {k: v.double() for k, v in ad.state_dict().items()}
+    logits = x @ sd["expert_weights.weight"].T + sd["expert_weights.bias"]
+    w = torch.exp(logits / 5.0) / torch.exp(logits / 5.0).sum(-1, keepdim=True)  # per token
+    h = x @ sd["conv_A.weight"].T + sd["conv_A.bias"]  # (2, 3, 4)
+    up = []
+    for name in ("conv_B", "conv_D"):  # group g: outputs 8g..8g+7 read hidden 2g..2g+1
+        W = sd[f"{name}.weight"]
+        out = torch.cat([h[..., 2 * g:2 * g + 2] @ W[8 * g:8 * g + 8].T for g in range(2)], -1)
+        up.append(out + sd[f"{name}.bias"])
+    want = x + 0.7 * (w[..., :1] * up[0] + w[..., 1:] * up[1])
+    assert torch.allclose(ad.double()(x), want, atol=1e-10)
+
+
+def test_zero_initialised_adapter_is_the_identity():
+    ad = MMAdapter(16)
+    x = torch.randn(2, 3, 16)
+    assert torch.equal(ad(x), x)
+
+
+def test_router_weights_sum_to_one_and_soften_with_temperature():
+    r = Router(16, temperature=10.0)
+    t = torch.randn(4, 16) * 5
+    w = r(t)
+    assert w.shape == (4, 2) and torch.allclose(w.sum(-1), torch.ones(4))
+    logits = t @ r.weight.T + r.bias
+    assert torch.allclose(w, torch.softmax(logits / 10.0, -1))
+
+
+def test_fold_adapter_into_linear():
+    ad = MMAdapter(16, hidden=4, scale=1.3).eval()
+    for p in ad.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    lin = torch.nn.Linear(16, 24)
+    w = torch.tensor([0.3, 0.7])
+    W, b = fold_adapter(ad, w, lin.weight, lin.bias)
+    x = torch.randn(5, 16)
+    assert torch.allclose(x @ W.T + b, lin(ad(x, w.expand(5, 2))), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- LaVIN
+
+def test_lavin_7b_and_13b_trainable_counts_match_the_paper():
+    for name, n in (("lavin-7b", 3_781_296), ("lavin-13b", 5_390_080)):  # paper: 3.8M and 5.4M
+        model = build_preset(name)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n
+    frozen = sum(p.numel() for p in build_preset("lavin-7b").parameters() if not p.requires_grad)
+    assert frozen == 6_738_415_616 + 303_966_208  # LLaMA-7B + ViT-L/14's vision tower
+
+
+def test_embed_inserts_prefix_and_visual_tokens_after_bos():
+    model = tiny_lavin()
+    tokens, images, ind, labels = batch()
+    h, new_labels = model.embed(tokens, images, ind, labels)
+    emb = model.llama.tok_embeddings
+    vis = model.adapter_proj(model.visual(images, 4))  # (B, 2, dim)
+    for b in range(3):  # the official per-sample construction
+        if ind[b]:
+            seq = [emb(tokens[b, :1]), emb(torch.tensor(PREFIX_IMG)), vis[b], emb(tokens[b, 1:])]
+            lab = [labels[b, :1], torch.full((5,), IGNORE_INDEX), labels[b, 1:]]
+        else:
+            seq = [emb(tokens[b, :1]), emb(torch.tensor(PREFIX_TXT)), emb(tokens[b, 1:])]
+            lab = [labels[b, :1], torch.full((4,), IGNORE_INDEX), labels[b, 1:]]
+        seq, lab = torch.cat(seq), torch.cat(lab)
+        assert torch.allclose(h[b, :len(seq)], seq)
+        assert torch.equal(new_labels[b, :len(lab)], lab)
+        assert (new_labels[b, len(lab):] == IGNORE_INDEX).all()
+    assert h.shape[1] == 7 + 5 and (new_labels[1, -1:] == IGNORE_INDEX).all()  # text: 1 padding slot
+
+
+def test_loss_is_next_token_cross_entropy_on_the_answer():
+    model = tiny_lavin()
+    tokens, images, ind, labels = batch()
+    logits = model(tokens, images, ind).double()
+    _, new_labels = model.embed(tokens, images, ind, labels)
+    total, n = 0.0, 0
+    for b in range(3):
+        for t in range(new_labels.shape[1] - 1):
+            if new_labels[b, t + 1] != IGNORE_INDEX:  # position t predicts token t + 1
+                total -= torch.log_softmax(logits[b, t], -1)[new_labels[b, t + 1]]
+                n += 1
+    assert n == 3 * 4  # the 4 answer tokens of each sample
+    assert abs(model(tokens, images, ind, labels).item() - total.item() / n) < 1e-4
+
+
+def test_zero_initialised_adapters_leave_the_frozen_model_unchanged():
+    model = tiny_lavin(randomize_adapters=False)
+    plain_llama = copy.deepcopy(model.llama)
+    plain_visual = copy.deepcopy(model.visual)
+    for blk in list(plain_llama.layers) + list(plain_visual.transformer.resblocks):
+        blk.adapter_attn = None
+    tokens, images, ind, _ = batch()
+    h, _ = model.embed(tokens, images, ind)
+    assert torch.equal(model(tokens, images, ind), plain_llama(embeds=h, pos_offset=1))
+    assert torch.equal(model.visual(images), plain_visual(images))
+
+
+def test_only_the_adapter_side_gets_gradients_and_changes():
+    model = tiny_lavin(randomize_adapters=False).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens, images, ind, labels = batch()
+    loss = model(tokens, images, ind, labels)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("adapter" in name), name
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("adapter" in k for k in changed)
+    assert any(k.startswith("llama.") for k in changed) and any(k.startswith("visual.") for k in changed)
+    assert "adapter_proj.conv_B.weight" in changed and "adapter_modality_embedding.weight" in changed
+
+
+def test_routes_sum_to_one_and_differ_between_modalities():
+    model = tiny_lavin()
+    routes = model.routes(torch.tensor([IMAGE, TEXT, IMAGE]), 3, "cpu", torch.float32)
+    assert len(routes) == 2
+    for w_attn, w_mlp in routes:
+        assert w_attn.shape == (3, 1, 2) and w_mlp is None
+        assert torch.allclose(w_attn.sum(-1), torch.ones(3, 1))
+        assert torch.equal(w_attn[0], w_attn[2]) and not torch.allclose(w_attn[0], w_attn[1])
+
+
+def test_text_only_logits_do_not_depend_on_images():
+    model = tiny_lavin()
+    tokens, images, ind, _ = batch()
+    a = model(tokens, images, ind)
+    b = model(tokens, torch.randn_like(images), ind)
+    assert torch.equal(a[1], b[1])  # the text-only sample
+    assert not torch.allclose(a[0], b[0])  # an image sample sees its image
+    assert torch.allclose(model(tokens[1:2], None, ind[1:2]), a[1:2], atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter_mlp", [False, True])
+def test_fast_modality_path_equals_masked_formulation(adapter_mlp):
+    """The official form: m at position 0 of one sequence, masked from every text token, each
+    block's routing read off position 0. Written out here with an explicit attention mask."""
+    model = tiny_lavin(adapter_mlp=adapter_mlp)
+    tokens, images, ind, _ = batch()
+    h, _ = model.embed(tokens, images, ind)
+    x = torch.cat([model.adapter_modality_embedding(ind)[:, None], h], 1)  # (B, 1 + T, dim)
+    T1 = x.shape[1]
+    mask = torch.ones(T1, T1).tril().bool()
+    mask[1:, 0] = False  # no text token sees the modality token
+    from model import rope_angles
+
+    cos, sin = rope_angles(torch.arange(T1), model.llama.args.head_dim, 10000.0)
+    for blk in model.llama.layers:
+        hn = blk.attention_norm(x)
+        hn = blk.adapter_attn(hn, blk.adapter_attn.expert_weights(hn[:, :1]))
+        x = x + blk.attention(hn, cos[None], sin[None], mask[None, None])
+        hn = blk.ffn_norm(x)
+        if adapter_mlp:
+            hn = blk.adapter_mlp(hn, blk.adapter_mlp.expert_weights(hn[:, :1]))
+        x = x + blk.feed_forward(hn)
+    want = model.llama.output(model.llama.norm(x))[:, 1:]
+    assert (model(tokens, images, ind) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("adapter_mlp", [False, True])
+def test_folded_model_equals_unfolded(adapter_mlp):
+    model = tiny_lavin(adapter_mlp=adapter_mlp)
+    tokens, images, ind, _ = batch()
+    for modality in (IMAGE, TEXT):
+        rows = (ind == modality).nonzero().flatten()
+        want = model(tokens[rows], images[rows], ind[rows])
+        folded = copy.deepcopy(model).fold(modality)
+        assert all(b.adapter_attn is None for b in folded.llama.layers)
+        assert (folded(tokens[rows], images[rows], ind[rows]) - want).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="folded"):
+            folded(tokens, images, ind)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+def test_save_and_load_own_checkpoint(tmp_path):
+    model = tiny_lavin(seed=0)
+    save_adapters(tmp_path / "ckpt.pth", model, epoch=3)
+    ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert set(ckpt["model"]) == set(trainable_state_dict(model)) and ckpt["epoch"] == 3
+    assert ckpt["lavin_args"]["temperature"] == 10.0 and ckpt["llama_args"]["dim"] == 64
+    other = tiny_lavin(seed=0)  # the same frozen backbones, other adapter weights
+    with torch.no_grad():
+        for p in other.parameters():
+            if p.requires_grad:
+                p.normal_()
+    assert not torch.equal(other(*batch()[:3]), model(*batch()[:3]))
+    load_adapters(other, tmp_path / "ckpt.pth")
+    tokens, images, ind, _ = batch()
+    assert torch.equal(other(tokens, images, ind), model(tokens, images, ind))
+
+
+def official_checkpoint(model, dim=64, width=64, hidden=8, groups=2, seed=3, args=None):
+    """The released layout: DDP names, Conv1d kernels (out, in/groups, 1), a pickled Namespace."""
+    g = torch.Generator().manual_seed(seed)
+
+    def adapter(prefix, d):
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        return {f"{prefix}.conv_A.weight": r(hidden, d, 1), f"{prefix}.conv_A.bias": r(hidden),
+                f"{prefix}.conv_B.weight": r(d, hidden // groups, 1), f"{prefix}.conv_B.bias": r(d),
+                f"{prefix}.conv_D.weight": r(d, hidden // groups, 1), f"{prefix}.conv_D.bias": r(d),
+                f"{prefix}.expert_weights.weight": r(2, d), f"{prefix}.expert_weights.bias": r(2)}
+
+    state = {}
+    for i in range(2):
+        state.update(adapter(f"module.layers.{i}.adapter_attn", dim))
+    for i in range(8):
+        state.update(adapter(f"module.backbone.visual.transformer.resblocks.{i}.adapter_attn", width))
+    state.update({"module.adapter_proj.conv_A.weight": torch.randn(128, width, generator=g),
+                  "module.adapter_proj.conv_A.bias": torch.randn(128, generator=g),
+                  "module.adapter_proj.conv_B.weight": torch.randn(dim, 128, generator=g),
+                  "module.adapter_proj.conv_B.bias": torch.randn(dim, generator=g),
+                  "module.adapter_modality_embedding.weight": torch.randn(2, dim, generator=g)})
+    ns = args or argparse.Namespace(adapter_dim=hidden, temperature=10.0, hidden_proj=128,
+                                    adapter_type="router", llm_model="7B", max_seq_len=512)
+    return {"model": state, "epoch": 19, "args": ns}
+
+
+def test_import_official_checkpoint(tmp_path):
+    model = tiny_lavin(seed=0)
+    ckpt = official_checkpoint(model)
+    torch.save(ckpt, tmp_path / "checkpoint-19.pth")
+    load_adapters(model, tmp_path / "checkpoint-19.pth")
+    # The official adapter, computed as its code does: Conv1d over (B, dim, L), weights from m.
+    sd = ckpt["model"]
+    p = "module.layers.1.adapter_attn."
+    x = torch.randn(2, 5, 64)
+    w = torch.softmax((x[:, 0] @ sd[p + "expert_weights.weight"].T + sd[p + "expert_weights.bias"]) / 10.0, -1)
+    xt = x.transpose(1, 2)
+    h = F.conv1d(xt, sd[p + "conv_A.weight"], sd[p + "conv_A.bias"])
+    out = (F.conv1d(h, sd[p + "conv_B.weight"], sd[p + "conv_B.bias"], groups=2) * w[:, 0, None, None]
+           + F.conv1d(h, sd[p + "conv_D.weight"], sd[p + "conv_D.bias"], groups=2) * w[:, 1, None, None] + xt)
+    ad = model.llama.layers[1].adapter_attn
+    assert torch.allclose(ad(x, ad.expert_weights(x[:, :1])), out.transpose(1, 2), atol=1e-4)
+    assert torch.equal(model.adapter_modality_embedding.weight, sd["module.adapter_modality_embedding.weight"])
+    assert torch.equal(model.visual.transformer.resblocks[7].adapter_attn.conv_B.weight,
+                       sd["module.backbone.visual.transformer.resblocks.7.adapter_attn.conv_B.weight"][..., 0])
+
+
+def test_checkpoint_of_another_size_is_refused_and_nothing_loads(tmp_path):
+    model = tiny_lavin(seed=0)
+    before = {k: v.clone() for k, v in trainable_state_dict(model).items()}
+    ckpt = official_checkpoint(model)
+    ckpt["model"]["module.adapter_modality_embedding.weight"] = torch.randn(2, 128)  # a bigger LLaMA's
+    torch.save(ckpt, tmp_path / "big.pth")
+    with pytest.raises(ValueError, match=r"adapter_modality_embedding.weight has shape \(2, 128\), this model's is \(2, 64\)"):
+        load_adapters(model, tmp_path / "big.pth")
+    ckpt = official_checkpoint(model, hidden=16,
+                               args=argparse.Namespace(adapter_dim=16, temperature=10.0, hidden_proj=128))
+    torch.save(ckpt, tmp_path / "dim16.pth")
+    with pytest.raises(ValueError, match="adapter_dim=16.*adapter_dim=8"):
+        load_adapters(model, tmp_path / "dim16.pth")
+    ckpt["args"] = None
+    torch.save(ckpt, tmp_path / "dim16_noargs.pth")
+    with pytest.raises(ValueError, match=r"conv_A.weight has shape \(16, 64\), this model's is \(8, 64\)"):
+        load_adapters(model, tmp_path / "dim16_noargs.pth")
+    for k, v in trainable_state_dict(model).items():
+        assert torch.equal(v, before[k]), k
