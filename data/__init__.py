@@ -1,0 +1,69 @@
+"""Data for LaVIN: one entry point for the three datasets the training loop knows.
+
+    build_dataset("scienceqa", root, split, tokenizer)  ScienceQA release (paper, Table 1)
+    build_dataset("shapes", root, split, tokenizer)     synthetic set in ScienceQA's layout,
+                                                        read by the very same reader
+    build_dataset("instruct", root, "train", tokenizer) LLaVA-Instruct + Alpaca (the chatbot)
+        │
+        ▼  scienceqa.load_samples / instruct.load_samples -> [Sample] (validated up front)
+    batching.TokenizedDataset: items {"pid", "tokens", "labels", "image" | None};
+        .lengths for LengthGroupedBatchSampler, .collate for the DataLoader (batch fields in
+        data/batching.py)
+
+    # reserve: positions the model adds itself ("Image: " tokens, 6 visual tokens, modality token)
+    ds = build_dataset("scienceqa", None, "train", tokenizer, max_seq_len=512, reserve=n_extra)
+    sampler = LengthGroupedBatchSampler(ds.lengths, 4, rank=rank, world_size=world, seed=0)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from data import instruct, scienceqa
+from data.batching import (IGNORE_INDEX, PAD_ID, Collator, LengthGroupedBatchSampler, Sample,
+                           TokenizedDataset, encode_turns)
+
+DATASETS = ("scienceqa", "shapes", "instruct")
+DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "instruct": instruct.DEFAULT_ROOT}
+
+__all__ = ["build_dataset", "DATASETS", "IGNORE_INDEX", "PAD_ID", "Collator", "LengthGroupedBatchSampler",
+           "Sample", "TokenizedDataset", "encode_turns"]
+
+
+def ensure_shapes(root: str) -> None:
+    """Hook for the synthetic set: generate it on first use if data/shapes.py can."""
+    if os.path.isfile(os.path.join(root, "problems.json")):
+        return
+    shapes = importlib.import_module("data.shapes") if importlib.util.find_spec("data.shapes") else None
+    if shapes is None or not hasattr(shapes, "ensure"):
+        raise FileNotFoundError(f"no synthetic set in {root}: run  python -m data.shapes --root {root}")
+    shapes.ensure(root)
+
+
+def build_dataset(name: str, root: str | None, split: str, tokenizer, *,
+                  prompt_format: str = scienceqa.DEFAULT_FORMAT, use_caption: bool = False,
+                  instruct_mode: str = "recipe", coco_root: str = instruct.DEFAULT_COCO_ROOT,
+                  max_seq_len: int | None = None, reserve: int = 0, image_mode: str = "lavin",
+                  resolution: int = 224, image_loader=None, check_images: bool = True) -> TokenizedDataset:
+    """A tokenised torch Dataset; bad input raises here, naming the file or the pid.
+
+    root None -> the dataset's default folder. ScienceQA/shapes options: prompt_format,
+    use_caption. instruct options: instruct_mode ("recipe" | "multiturn"), coco_root; its only
+    split is "train". max_seq_len/reserve: see TokenizedDataset. image_mode, resolution: passed
+    to clip.preprocess ("lavin" matches the released weights, "clip" is CLIP's own).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    root = root or DEFAULT_ROOTS[name]
+    if name == "instruct":
+        if split != "train":
+            raise ValueError(f"the instruction data has only a 'train' split, not {split!r}")
+        samples = instruct.load_samples(root, coco_root, instruct_mode, check_images)
+    else:
+        if name == "shapes":
+            ensure_shapes(root)
+        samples = scienceqa.load_samples(root, split, prompt_format, use_caption, check_images)
+    return TokenizedDataset(samples, tokenizer, max_seq_len=max_seq_len, reserve=reserve,
+                            image_mode=image_mode, resolution=resolution, image_loader=image_loader,
+                            name=f"{name}/{split}")

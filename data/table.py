@@ -1,0 +1,124 @@
+"""The ScienceQA accuracy table of the LaVIN paper (Table 1), on any split.
+
+    predictions {pid: generated text | choice index}
+        │  parse_answer: first match of "The answer is ([A-Z])." -> choice index, -1 if none
+        ▼  or the letter is not one of the problem's choices
+    preds {pid: index or -1}  (written as preds.json, the reference's format)
+        │  score: problems.json + pid_splits.json[split]
+        ▼
+    NAT SOC LAN | TXT IMG NO | G1-6 G7-12 | Avg   (percent, 2 decimals) + the unparsed count
+
+Columns as the ScienceQA evaluation defines them: subject natural/social/language science;
+TXT: hint non-empty; IMG: image non-empty; NO: neither; G1-6 / G7-12: grade1..6 / grade7..12.
+The reference guesses a random choice for an answer it cannot parse; we count it wrong and
+report how many there were.
+
+    python -m data.table --data data/scienceqa --split test --preds outputs.json [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from data.scienceqa import DEFAULT_ROOT, LETTERS, DataError, load_json, read_release, split_pids
+
+ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")  # the reference's pattern, "." unescaped
+GRADES_1_6 = tuple(f"grade{g}" for g in range(1, 7))
+GRADES_7_12 = tuple(f"grade{g}" for g in range(7, 13))
+COLUMNS = (
+    ("NAT", lambda p: p["subject"] == "natural science"),
+    ("SOC", lambda p: p["subject"] == "social science"),
+    ("LAN", lambda p: p["subject"] == "language science"),
+    ("TXT", lambda p: bool(p["hint"])),
+    ("IMG", lambda p: bool(p["image"])),
+    ("NO", lambda p: not p["hint"] and not p["image"]),
+    ("G1-6", lambda p: p["grade"] in GRADES_1_6),
+    ("G7-12", lambda p: p["grade"] in GRADES_7_12),
+    ("Avg", lambda p: True),
+)
+
+
+def parse_answer(text: str, n_choices: int) -> int:
+    """Choice index read from generated text, -1 when there is none or it is not a choice."""
+    found = ANSWER_PATTERN.findall(text)
+    index = LETTERS.index(found[0]) if found else -1
+    return index if index < n_choices else -1
+
+
+def to_indices(raw: dict, problems: dict, pids: list[str]) -> dict[str, int]:
+    """{pid: text or index} -> {pid: index or -1} for the split's pids (others are ignored)."""
+    missing = [pid for pid in pids if pid not in raw]
+    if missing:
+        raise DataError(f"no prediction for {len(missing)} of the {len(pids)} problems "
+                        f"(e.g. {', '.join(missing[:5])})")
+    out = {}
+    for pid in pids:
+        pred, n = raw[pid], len(problems[pid]["choices"])
+        if isinstance(pred, str):
+            out[pid] = parse_answer(pred, n)
+        elif isinstance(pred, int) and not isinstance(pred, bool):
+            out[pid] = pred if 0 <= pred < n else -1
+        else:
+            raise DataError(f"prediction for {pid} should be generated text or a choice index, got {pred!r}")
+    return out
+
+
+def score(problems: dict, pids: list[str], preds: dict[str, int]) -> dict:
+    """The table as a dict: accuracy (percent, 2 decimals; None for an empty column) and counts."""
+    for pid in pids:
+        for key in ("subject", "grade", "hint", "image", "answer"):
+            if key not in problems[pid]:
+                raise DataError(f"problem {pid} has no {key!r}")
+    acc, count = {}, {}
+    for name, belongs in COLUMNS:
+        members = [pid for pid in pids if belongs(problems[pid])]
+        right = sum(preds[pid] == problems[pid]["answer"] for pid in members)
+        count[name] = len(members)
+        acc[name] = round(100 * right / len(members), 2) if members else None
+    return {"n": len(pids), "unparsed": sum(preds[pid] == -1 for pid in pids), "acc": acc, "count": count}
+
+
+def format_table(result: dict, split: str = "") -> str:
+    names = [name for name, _ in COLUMNS]
+    head = " ".join(f"{n:>6}" for n in names)
+    row = " ".join(f"{'-':>6}" if result["acc"][n] is None else f"{result['acc'][n]:6.2f}" for n in names)
+    where = f"split {split}: " if split else ""
+    return (f"{where}{result['n']} problems, {result['unparsed']} answers unparsed (counted wrong)\n"
+            f"{head}\n{row}")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=DEFAULT_ROOT, help="ScienceQA release folder (problems.json, pid_splits.json)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--preds", required=True, help="JSON {pid: generated text} or {pid: choice index}")
+    ap.add_argument("--out", help="write the table as JSON here, and preds.json next to it")
+    args = ap.parse_args(argv)
+
+    problems, splits = read_release(args.data)
+    pids = split_pids(splits, args.split, args.data, problems)
+    raw = load_json(args.preds)
+    if isinstance(raw, dict) and isinstance(raw.get("results"), dict):
+        raw = raw["results"]  # ScienceQA's own result files wrap the predictions
+    if not isinstance(raw, dict):
+        raise DataError(f"{args.preds}: expected an object pid -> prediction")
+    preds = to_indices(raw, problems, pids)
+    result = {"split": args.split, **score(problems, pids, preds)}
+    print(format_table(result, args.split))
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(os.path.dirname(args.out) or ".", "preds.json"), "w") as f:
+            json.dump(preds, f)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, FileNotFoundError) as e:  # bad input: the message says it all
+        sys.exit(f"error: {e}")
