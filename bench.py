@@ -2,18 +2,27 @@
 
     python bench.py                 # everything, on the GPU if there is one, else the CPU
     python bench.py --only llama    # llama | clip
+    python bench.py --quick         # fewer repetitions
     python bench.py --compare-hf    # also time transformers' LlamaForCausalLM on the same config
 
 LLaMA: a ~110M-parameter config (dim 768, 12 layers, vocab 16k). Forward+backward with frozen
 weights, gradients flowing to the input embeddings only (as in LaVIN, where only adapters train),
 and greedy decoding at a 512-token context with and without the KV cache.
+CLIP: ViT-L/14 with random weights, frozen: forward without grad, and forward+backward into
+LaVIN's mixture-of-modality adapters only; preprocessing of a 640x480 JPEG in both modes.
 """
 import argparse
+import os
 import resource
+import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
+import clip
+from adapter import MMAdapter
 from model import KVCache, Llama, ModelArgs
 
 BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=16000, multiple_of=256, max_seq_len=1024)
@@ -123,6 +132,49 @@ def bench_hf(device, dtype, batch, seq, reps):
     return [f"  transformers LlamaForCausalLM, same config and step: {batch * seq / s:,.0f} tokens/s"]
 
 
+def bench_clip(device, dtype, quick=False):
+    batch, reps = (2, 1) if device.type == "cpu" else (32, 3 if quick else 10)
+    torch.manual_seed(0)
+    with device:  # ViT-L/14's shapes
+        model = clip.VisionTransformer(resolution=224, patch_size=14, width=1024, layers=24, output_dim=768)
+    model = model.to(dtype).eval().requires_grad_(False)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    lines = [f"CLIP ViT-L/14 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {device.type}, {dtype}"]
+    amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+
+    def forward():
+        with torch.no_grad(), amp():
+            model(images)
+
+    s = timed(forward, device, reps)
+    lines.append(f"  forward, no grad, batch {batch}: {batch / s:,.2f} images/s")
+    for block in model.transformer.resblocks:  # LaVIN's adapters, in fp32, the only trainable part
+        block.adapter_attn = MMAdapter(1024).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step():
+        with amp():
+            out = model(images)  # (B, 6, 1024)
+        out.float().pow(2).mean().backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    s = timed(train_step, device, reps)
+    lines.append(f"  forward+backward into {sum(p.numel() for p in trainable):,} adapter parameters, "
+                 f"batch {batch}: {batch / s:,.2f} images/s; peak memory {peak_memory(device)}")
+    rng = np.random.default_rng(0)  # a smooth picture with noise: a JPEG of realistic entropy
+    yy, xx = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xx * 255 // 640, yy * 255 // 480, (xx + yy) % 256], -1) + rng.integers(-16, 17, (480, 640, 3))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "photo.jpg")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        for mode in ("clip", "lavin"):
+            s = timed(lambda: clip.preprocess(path, mode), torch.device("cpu"), 5 if quick else 30)
+            lines.append(f"  preprocess a 640x480 JPEG, mode {mode} (decode, resize, normalise; one process): "
+                         f"{1 / s:,.0f} images/s")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +188,8 @@ def main():
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     if a.only in (None, "llama"):
         print("\n".join(bench_llama(device, dtype, a.quick, a.compare_hf)), flush=True)
+    if a.only in (None, "clip"):
+        print("\n".join(bench_clip(device, dtype, a.quick)), flush=True)
 
 
 if __name__ == "__main__":
