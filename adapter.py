@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import check_state
 from router import Router
 
 
@@ -158,17 +159,7 @@ def convert_official(state: dict) -> dict:
 def load_trainable(model: nn.Module, state: dict, source: str = "checkpoint"):
     """Copy adapter-side weights into model after checking every key and shape first, so a
     checkpoint for another model size or adapter dim changes nothing."""
-    expected = trainable_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{source} does not fit this model: missing {missing[:10]}"
-                       f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
-                       f"{' ...' if len(unexpected) > 10 else ''}")
-    for key, want in expected.items():
-        if state[key].shape != want.shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, this model's is "
-                             f"{tuple(want.shape)} (another model size or adapter dim?)")
+    check_state(trainable_state_dict(model), state, source)
     params = dict(model.named_parameters())
     for key, t in state.items():
         params[key].copy_(t)

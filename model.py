@@ -310,19 +310,23 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
     return model.eval(), tokenizer
 
 
-def load_strict(model: nn.Module, state: dict, dtype, device):
-    """load_state_dict(assign=True) after checking every key and shape, naming what is wrong."""
-    expected = model.state_dict()
+def check_state(expected: dict, state: dict, source: str = "checkpoint"):
+    """Raise, naming the keys or the key and both shapes, unless state fits expected exactly."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"checkpoint does not fit the model: missing keys {missing[:20]}"
-                       f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
-                       f"{' ...' if len(unexpected) > 20 else ''}")
+        cut = lambda keys: f"{keys[:20]}{' ...' if len(keys) > 20 else ''}"  # noqa: E731
+        raise KeyError(f"{source} does not fit the model: missing keys {cut(missing)}, "
+                       f"unexpected keys {cut(unexpected)}")
     for key, want in expected.items():
         if tuple(state[key].shape) != tuple(want.shape):
-            raise ValueError(f"{key}: checkpoint has shape {tuple(state[key].shape)}, "
-                             f"the config expects {tuple(want.shape)}")
+            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model's is "
+                             f"{tuple(want.shape)}")
+
+
+def load_strict(model: nn.Module, state: dict, dtype, device):
+    """load_state_dict(assign=True) after checking every key and shape."""
+    check_state(model.state_dict(), state)
     # Tensor by tensor, so only one converted tensor exists beside the memory-mapped files.
     loaded = {}
     for key in list(state):

@@ -29,8 +29,9 @@ class Router(nn.Linear):
         self.temperature = temperature
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # fp32 softmax: under autocast the logits may be half precision.
-        return torch.softmax(super().forward(t).float() / self.temperature, dim=-1)
+        logits = super().forward(t)
+        # At least fp32 for the softmax: under autocast the logits may be half precision.
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature, -1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"

@@ -68,7 +68,7 @@ def test_mm_adapter_against_float64_formula():
         out = torch.cat([h[..., 2 * g:2 * g + 2] @ W[8 * g:8 * g + 8].T for g in range(2)], -1)
         up.append(out + sd[f"{name}.bias"])
     want = x + 0.7 * (w[..., :1] * up[0] + w[..., 1:] * up[1])
-    assert torch.allclose(ad.double()(x), want, atol=1e-10)
+    assert torch.allclose(ad.double()(x), want, rtol=0, atol=1e-10)
 
 
 def test_zero_initialised_adapter_is_the_identity():
@@ -125,6 +125,12 @@ def test_embed_inserts_prefix_and_visual_tokens_after_bos():
         assert torch.equal(new_labels[b, :len(lab)], lab)
         assert (new_labels[b, len(lab):] == IGNORE_INDEX).all()
     assert h.shape[1] == 7 + 5 and (new_labels[1, -1:] == IGNORE_INDEX).all()  # text: 1 padding slot
+
+
+def test_data_and_model_agree_on_the_ignore_index():
+    import data
+
+    assert data.IGNORE_INDEX == IGNORE_INDEX
 
 
 def test_loss_is_next_token_cross_entropy_on_the_answer():
@@ -302,7 +308,7 @@ def test_checkpoint_of_another_size_is_refused_and_nothing_loads(tmp_path):
     ckpt = official_checkpoint(model)
     ckpt["model"]["module.adapter_modality_embedding.weight"] = torch.randn(2, 128)  # a bigger LLaMA's
     torch.save(ckpt, tmp_path / "big.pth")
-    with pytest.raises(ValueError, match=r"adapter_modality_embedding.weight has shape \(2, 128\), this model's is \(2, 64\)"):
+    with pytest.raises(ValueError, match=r"adapter_modality_embedding.weight has shape \(2, 128\), the model's is \(2, 64\)"):
         load_adapters(model, tmp_path / "big.pth")
     ckpt = official_checkpoint(model, hidden=16,
                                args=argparse.Namespace(adapter_dim=16, temperature=10.0, hidden_proj=128))
@@ -311,7 +317,7 @@ def test_checkpoint_of_another_size_is_refused_and_nothing_loads(tmp_path):
         load_adapters(model, tmp_path / "dim16.pth")
     ckpt["args"] = None
     torch.save(ckpt, tmp_path / "dim16_noargs.pth")
-    with pytest.raises(ValueError, match=r"conv_A.weight has shape \(16, 64\), this model's is \(8, 64\)"):
+    with pytest.raises(ValueError, match=r"conv_A.weight has shape \(16, 64\), the model's is \(8, 64\)"):
         load_adapters(model, tmp_path / "dim16_noargs.pth")
     for k, v in trainable_state_dict(model).items():
         assert torch.equal(v, before[k]), k
