@@ -8,7 +8,12 @@ import torch
 from model import KVCache, Llama, ModelArgs, Tokenizer, apply_rope, load_llama, rope_angles
 from tests.checkpoints import random_state, train_tokenizer, write_hf, write_meta
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():  # a fixture, not a global switch: other test files train
+        yield
 
 
 def tiny_args(**kw):
