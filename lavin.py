@@ -88,6 +88,11 @@ class LaVIN(nn.Module):
         self.folded = None  # the modality whose routing is folded into LLaMA (see fold)
         mark_trainable(self)
 
+    @property
+    def n_inserted(self) -> int:
+        """Positions `embed` adds to every sequence: what a data pipeline reserves of max_seq_len."""
+        return max(len(self.prefix_img) + self.n_visual, len(self.prefix_text))
+
     def embed(self, tokens, images=None, img_indicator=None, labels=None):
         """Token ids (B, T) -> embeddings (B, T + E, dim) with "Image: " and the visual tokens, or
         "Image: N/A", inserted after BOS; labels (B, T) are moved along with their tokens and the
@@ -98,8 +103,7 @@ class LaVIN(nn.Module):
         dim, dtype = emb.weight.shape[1], emb.weight.dtype
         has_img = torch.zeros(B, dtype=torch.bool, device=tokens.device) if img_indicator is None \
             else img_indicator.bool()
-        n_img, n_txt = len(self.prefix_img) + self.n_visual, len(self.prefix_text)
-        E = max(n_img, n_txt)
+        n_img, n_txt, E = len(self.prefix_img) + self.n_visual, len(self.prefix_text), self.n_inserted
         x_txt = F.pad(emb(self.prefix_text), (0, 0, 0, E - n_txt)).expand(B, E, dim)  # (B, E, dim)
         if images is not None:
             feats = self.visual(images, self.args.every)  # (B, n_visual, clip width)
