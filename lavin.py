@@ -128,10 +128,11 @@ class LaVIN(nn.Module):
         return h, new_labels
 
     def routes(self, img_indicator, batch: int, device, dtype):
-        """Router weights of every LLaMA block, from the modality token (B, 1, dim) alone."""
-        ind = torch.zeros(batch, dtype=torch.long, device=device) if img_indicator is None else img_indicator.long()
+        """Router weights of every LLaMA block, from the modality token (B, 1, dim) alone; None
+        once fold() has baked one modality's routing into the weights."""
         if self.folded is not None:
             return None
+        ind = torch.zeros(batch, dtype=torch.long, device=device) if img_indicator is None else img_indicator.long()
         m = self.adapter_modality_embedding(ind)[:, None].to(dtype)  # (B, 1, dim)
         return self.llama.route(m)
 
