@@ -209,28 +209,29 @@ def load_clip(path, dtype=torch.float32, device="cpu") -> VisionTransformer:
     return model.eval().requires_grad_(False)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB."""
+def to_rgb(image: Image.Image, background=None) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. Alpha is dropped, as `Image.convert("RGB")` in the official
+    LaVIN and CLIP pipelines does (transparent pixels keep their stored colour, often black: what
+    the released weights saw); background=(255, 255, 255) flattens onto that colour instead."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit gray (PNG/TIFF; mode I is read as 0..65535 too): Pillow's convert clips at 255,
         # so scale 0..65535 onto 0..255 instead
         a = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         image = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))  # (H, W) mode L
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        # the colour under transparent pixels is arbitrary (often black); flatten on white as a
-        # viewer or a printed page shows it, so diagrams and logos keep their look
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")  # L, P, 1, CMYK, YCbCr, F (as 0..255)
+    if background is not None and (image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info):
+        under = Image.new("RGBA", image.size, (*background, 255))
+        return Image.alpha_composite(under, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")  # L, P, 1, CMYK, YCbCr, F (as 0..255); alpha dropped
 
 
-def load_image(path) -> Image.Image:
-    """Open, fully decode (so truncated files fail here), apply EXIF orientation, convert to RGB."""
+def load_image(path, background=None) -> Image.Image:
+    """Open, fully decode (so truncated files fail here), apply EXIF orientation, convert to RGB
+    (see to_rgb for background)."""
     try:
         with Image.open(path) as im:
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # in place: no extra copy of a 48-Mpixel photo
-            return to_rgb(im)
+            return to_rgb(im, background)
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
@@ -238,7 +239,7 @@ def load_image(path) -> Image.Image:
         raise ValueError(f"cannot read image {os.fspath(path)}: {type(e).__name__}: {e}") from e
 
 
-def preprocess(image, mode: str = "clip", resolution: int = 224) -> torch.Tensor:
+def preprocess(image, mode: str = "clip", resolution: int = 224, background=None) -> torch.Tensor:
     """PIL image (any mode) or path -> normalised float tensor (3, R, R).
 
     clip:  shorter side to R (bicubic, long side int(R * long / short) as torchvision's Resize),
@@ -246,7 +247,7 @@ def preprocess(image, mode: str = "clip", resolution: int = 224) -> torch.Tensor
     lavin: plain R x R bicubic resize, ImageNet mean/std (what the released LaVIN weights saw).
     """
     R = resolution
-    image = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    image = load_image(image, background) if isinstance(image, (str, os.PathLike)) else to_rgb(image, background)
     if mode == "clip":
         w, h = image.size
         size = (R, int(R * h / w)) if w <= h else (int(R * w / h), R)  # (W, H)

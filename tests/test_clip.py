@@ -300,24 +300,38 @@ def test_preprocess_large_image():
     np.testing.assert_allclose(clip.preprocess(img).numpy(), ref_preprocess(img, "clip"), atol=1e-5)
 
 
-def test_rgba_la_and_transparent_palette_composite_on_white():
+def test_alpha_is_dropped_as_the_official_pipeline_does():
+    a = pattern(40, 30, channels=4)
+    a[:10, :, 3] = 0  # fully transparent band over arbitrary colours
+    rgba = Image.fromarray(a, "RGBA")
+    assert np.array_equal(np.asarray(clip.to_rgb(rgba)), a[..., :3])  # = Image.convert("RGB")
+    np.testing.assert_allclose(clip.preprocess(rgba, "lavin").numpy(),
+                               ref_preprocess(Image.fromarray(a[..., :3]), "lavin"), atol=1e-5)
+    p = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), "P")
+    p.putpalette([10, 20, 30, 200, 0, 0, 0, 0, 0] + [0] * 759)
+    p.info["transparency"] = 2
+    assert np.asarray(clip.to_rgb(p)).tolist() == [[[10, 20, 30], [200, 0, 0]], [[0, 0, 0], [200, 0, 0]]]
+
+
+def test_rgba_la_and_transparent_palette_composite_on_a_background():
     a = pattern(40, 30, channels=4)
     a[:10, :, 3] = 0  # fully transparent band over arbitrary colours
     a[10:12, :, 3] = 128
     alpha = a[..., 3:4] / 255.0
     want = np.round(a[..., :3] * alpha + 255 * (1 - alpha))
     rgba = Image.fromarray(a, "RGBA")
-    got = np.asarray(clip.to_rgb(rgba), dtype=np.float64)
+    white = (255, 255, 255)
+    got = np.asarray(clip.to_rgb(rgba, white), dtype=np.float64)
     assert got.shape == (30, 40, 3) and np.abs(got - want).max() <= 1 and (got[:10] == 255).all()
-    np.testing.assert_allclose(clip.preprocess(rgba, "lavin").numpy(),
+    np.testing.assert_allclose(clip.preprocess(rgba, "lavin", background=white).numpy(),
                                ref_preprocess(Image.fromarray(want.astype(np.uint8)), "lavin"), atol=0.02)
     la = Image.fromarray(np.stack([a[..., 0], a[..., 3]], -1), "LA")
     want_la = np.round(a[..., 0] * alpha[..., 0] + 255 * (1 - alpha[..., 0]))
-    assert np.abs(np.asarray(clip.to_rgb(la), dtype=np.float64) - want_la[..., None]).max() <= 1
+    assert np.abs(np.asarray(clip.to_rgb(la, white), dtype=np.float64) - want_la[..., None]).max() <= 1
     p = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), "P")
     p.putpalette([10, 20, 30, 200, 0, 0, 0, 0, 0] + [0] * 759)
     p.info["transparency"] = 2  # palette entry 2 (black) is see-through
-    assert np.asarray(clip.to_rgb(p)).tolist() == [[[10, 20, 30], [200, 0, 0]], [[255, 255, 255], [200, 0, 0]]]
+    assert np.asarray(clip.to_rgb(p, white)).tolist() == [[[10, 20, 30], [200, 0, 0]], [[255, 255, 255], [200, 0, 0]]]
 
 
 def test_gray_palette_cmyk_modes():
