@@ -63,7 +63,8 @@ class RepAdapter(nn.Module):
         nn.init.zeros_(self.conv_B.bias)
 
     def forward(self, x):
-        return x + self.scale * self.conv_B(self.dropout(self.conv_A(x)))
+        xa = x.to(self.conv_A.weight.dtype)  # fp32 adapters on a half-precision backbone
+        return (xa + self.scale * self.conv_B(self.dropout(self.conv_A(xa)))).to(x.dtype)
 
 
 class MMAdapter(RepAdapter):
@@ -80,11 +81,13 @@ class MMAdapter(RepAdapter):
     def forward(self, x, weights=None):
         """x (B, L, dim); weights (B, 1, 2) from the modality token, or (B, L, 2), or None to
         route each token on its own hidden state (as in CLIP)."""
+        xa = x.to(self.conv_A.weight.dtype)  # fp32 adapters on a half-precision backbone
         if weights is None:
-            weights = self.expert_weights(x)
-        h = self.dropout(self.conv_A(x))  # (B, L, hidden)
-        w = weights.to(x.dtype)
-        return x + self.scale * (self.conv_B(h) * w[..., :1] + self.conv_D(h) * w[..., 1:])
+            weights = self.expert_weights(xa)
+        h = self.dropout(self.conv_A(xa))  # (B, L, hidden)
+        w = weights.to(h.dtype)
+        out = xa + self.scale * (self.conv_B(h) * w[..., :1] + self.conv_D(h) * w[..., 1:])
+        return out.to(x.dtype)
 
     @torch.no_grad()
     def affine(self, weights: torch.Tensor):

@@ -111,9 +111,10 @@ class LaVIN(nn.Module):
             x_img = torch.cat([emb(self.prefix_img).expand(B, -1, dim), vis], 1)  # (B, n_img, dim)
             x_img = F.pad(x_img, (0, 0, 0, E - n_img))  # (B, E, dim)
             extras = torch.where(has_img[:, None, None], x_img, x_txt)
+        elif has_img.any():
+            raise ValueError("img_indicator marks samples with an image, but no images were given")
         else:
-            extras = x_txt  # (every sample is text-only without images)
-            has_img = torch.zeros_like(has_img)
+            extras = x_txt  # every sample is text-only
         n_ins = torch.where(has_img, n_img, n_txt)[:, None]  # (B, 1) tokens inserted per sample
         j = torch.arange(T + E, device=tokens.device)[None]  # (1, T + E) new positions
         inserted = (j >= 1) & (j < 1 + n_ins)  # (B, T + E)
@@ -155,6 +156,7 @@ class LaVIN(nn.Module):
         router.TEXT): all samples of a modality share one routing, so each adapter is then a
         fixed affine map. Inference then costs what plain LLaMA costs. CLIP's adapters route every
         token on its own hidden state, so they stay as they are."""
+        self.eval()  # folding is for inference: no dropout may leak into the routing baked in
         m = self.adapter_modality_embedding.weight[modality][None, None]  # (1, 1, dim)
         for block, (w_attn, w_mlp) in zip(self.llama.layers, self.llama.route(m)):
             for adapter, w, readers in ((block.adapter_attn, w_attn, (block.attention, "wq", "wk", "wv")),
@@ -211,14 +213,17 @@ def check_official_args(ns, args: LaVINArgs, path):
     """The official Namespace says which adapter dim and temperature the weights were trained with."""
     if ns is None:
         return
-    for theirs, ours in (("adapter_dim", "adapter_dim"), ("temperature", "temperature"),
-                         ("hidden_proj", "hidden_proj")):
-        if hasattr(ns, theirs) and getattr(ns, theirs) != getattr(args, ours):
-            raise ValueError(f"{path} was trained with {theirs}={getattr(ns, theirs)}, this model has "
-                             f"{ours}={getattr(args, ours)}")
-    if getattr(ns, "adapter_type", "router") == "router_block" and not args.adapter_mlp:
-        raise ValueError(f"{path} has adapters before the feed-forward too (adapter_type router_block): "
-                         "build the model with adapter_mlp=True")
+    for key in ("adapter_dim", "temperature", "hidden_proj", "adapter_scale"):
+        if hasattr(ns, key) and getattr(ns, key) != getattr(args, key):
+            raise ValueError(f"{path} was trained with {key}={getattr(ns, key)}, this model has "
+                             f"{key}={getattr(args, key)}")
+    # The official --adapter_type "block" also puts an adapter before LLaMA's feed-forward.
+    if (getattr(ns, "adapter_type", "attn") == "block") != args.adapter_mlp:
+        raise ValueError(f"{path} has adapter_type={getattr(ns, 'adapter_type', None)!r}: build the model "
+                         f"with adapter_mlp={not args.adapter_mlp}")
+    if getattr(ns, "visual_adapter_type", "router") != "router":
+        raise ValueError(f"{path} has visual_adapter_type={ns.visual_adapter_type!r}; this model has the "
+                         "paper's mixture-of-modality adapters in CLIP ('router') only")
 
 
 # ----------------------------------------------------------------------------- presets

@@ -29,7 +29,7 @@ class Router(nn.Linear):
         self.temperature = temperature
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(t)
+        logits = super().forward(t.to(self.weight.dtype))  # fp32 router on a half-precision backbone
         # At least fp32 for the softmax: under autocast the logits may be half precision.
         return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.temperature, -1)
 

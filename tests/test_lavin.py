@@ -277,7 +277,8 @@ def official_checkpoint(model, dim=64, width=64, hidden=8, groups=2, seed=3, arg
                   "module.adapter_proj.conv_B.bias": torch.randn(dim, generator=g),
                   "module.adapter_modality_embedding.weight": torch.randn(2, dim, generator=g)})
     ns = args or argparse.Namespace(adapter_dim=hidden, temperature=10.0, hidden_proj=128,
-                                    adapter_type="router", llm_model="7B", max_seq_len=512)
+                                    adapter_type="attn", visual_adapter_type="router",
+                                    adapter_scale=1.0, llm_model="7B", max_seq_len=512)
     return {"model": state, "epoch": 19, "args": ns}
 
 
@@ -321,3 +322,45 @@ def test_checkpoint_of_another_size_is_refused_and_nothing_loads(tmp_path):
         load_adapters(model, tmp_path / "dim16_noargs.pth")
     for k, v in trainable_state_dict(model).items():
         assert torch.equal(v, before[k]), k
+
+
+def test_fp32_adapters_on_a_half_precision_backbone_without_autocast():
+    model = tiny_lavin()
+    tokens, images, ind, labels = batch()
+    want = model(tokens, images, ind)
+    model.llama.to(torch.bfloat16)
+    model.visual.to(torch.bfloat16)
+    for name, p in model.named_parameters():  # the trainable side stays fp32, as train.py keeps it
+        if "adapter" in name:
+            p.data = p.data.float()
+    got = model(tokens, images, ind)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_image_indicator_without_images_is_refused():
+    model = tiny_lavin()
+    tokens, _, ind, _ = batch()
+    with pytest.raises(ValueError, match="no images were given"):
+        model(tokens, None, ind)
+
+
+def test_fold_in_train_mode_bakes_in_no_dropout():
+    model = tiny_lavin().train()
+    tokens, images, ind, _ = batch()
+    want = copy.deepcopy(model).eval()(tokens[1:2], images[1:2], ind[1:2])
+    assert (model.fold(TEXT)(tokens[1:2], images[1:2], ind[1:2]) - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(adapter_type="block"), "adapter_mlp=True"),
+    (dict(visual_adapter_type="normal"), "visual_adapter_type='normal'"),
+    (dict(adapter_scale=0.1), "adapter_scale=0.1"),
+])
+def test_official_training_settings_that_do_not_fit_are_refused(tmp_path, change, match):
+    model = tiny_lavin()
+    ns = argparse.Namespace(adapter_dim=8, temperature=10.0, hidden_proj=128, adapter_type="attn",
+                            visual_adapter_type="router", adapter_scale=1.0)
+    torch.save(official_checkpoint(model, args=argparse.Namespace(**{**vars(ns), **change})), tmp_path / "c.pth")
+    with pytest.raises(ValueError, match=match):
+        load_adapters(model, tmp_path / "c.pth")
