@@ -18,7 +18,6 @@ linear layers that read its output (`fold_adapter`), leaving the backbone's cost
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import check_state
 from router import Router

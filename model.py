@@ -20,7 +20,6 @@ Run `python model.py --preset lavin-7b` for a parameter summary built without an
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 

@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader
 
 import data
 from data import instruct, scienceqa, table
-from data.batching import (IGNORE_INDEX, Collator, LengthGroupedBatchSampler, Sample, TokenizedDataset,
-                           encode_turns)
+from data.batching import (IGNORE_INDEX, Collator, LengthGroupedBatchSampler, Sample, encode_turns)
 from data.scienceqa import DataError, build_prompt
 from model import Tokenizer
 
