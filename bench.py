@@ -1,7 +1,7 @@
 """Benchmarks (not tests): how fast the parts run on this machine. Figures go in the README.
 
     python bench.py                 # everything, on the GPU if there is one, else the CPU
-    python bench.py --only llama    # llama | clip
+    python bench.py --only llama    # llama | clip | train
     python bench.py --quick         # fewer repetitions
     python bench.py --compare-hf    # also time transformers' LlamaForCausalLM on the same config
 
@@ -12,6 +12,7 @@ CLIP: ViT-L/14 with random weights, frozen: forward without grad, and forward+ba
 LaVIN's mixture-of-modality adapters only; preprocessing of a 640x480 JPEG in both modes.
 """
 import argparse
+import itertools
 import os
 import resource
 import tempfile
@@ -175,10 +176,101 @@ def bench_clip(device, dtype, quick=False):
     return lines
 
 
+def bench_train(device, dtype, quick=False):
+    """The whole training step of train.py (LaVIN forward with images, loss on the answer,
+    backward into the adapters, AdamW): the shapes model on the CPU, LaVIN-7B with random
+    weights on a GPU (4 x 512, then larger batches, with and without --grad_checkpointing and
+    --compile). MFU counts 4 FLOPs per matmul parameter and token (frozen weights: forward, and
+    backward into activations only) against the GPU's dense bf16 peak (989 TFLOP/s for an H100)."""
+    import train
+    from lavin import LLAMA_PRESETS, VIT_L14, LaVINArgs, load_lavin
+
+    reps = 2 if quick else 5
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    lines = []
+
+    def measure(model, batches, label, flops_per_step=None):
+        opt = train.make_optimizer(model, train.TrainConfig(), 1e-4, fused=device.type == "cuda")
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        cycle = itertools.cycle(batches)
+        step = lambda: train.train_step(model, [next(cycle)], opt, None, autocast, device, 1)  # noqa: E731
+        step()  # warm-up (and compilation)
+        s = timed(step, device, reps)
+        b = batches[0]
+        n, T = b["tokens"].shape
+        line = f"  {label}: {n / s:,.1f} samples/s, {n * T / s:,.0f} tokens/s, peak memory {peak_memory(device)}"
+        if flops_per_step and device.type == "cuda":
+            line += f", MFU {flops_per_step / s / 989e12:.0%}"
+        return line
+
+    if device.type == "cpu":
+        from data import build_dataset, shapes
+
+        root = shapes.ensure("data/shapes")
+        model, tok = load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256)
+        ds = build_dataset("shapes", str(root), "train", tok, max_seq_len=256, reserve=model.n_inserted,
+                           resolution=model.visual.resolution)
+        batch = 32
+        order = sorted(range(len(ds)), key=lambda i: ds.lengths[i])[::len(ds) // (batch * 4)]
+        batches = [ds.collate([ds[i] for i in order[k::4][:batch]]) for k in range(4)]
+        lines.append(f"LaVIN on shapes ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu, {dtype}")
+        lines.append(measure(model, batches, f"training step, batch {batch} (mean {sum(ds.lengths) / len(ds):.0f} tokens)"))
+        return lines
+
+    return lines + bench_train_llama(device, dtype, measure, quick, LLAMA_PRESETS["7B"], VIT_L14)
+
+
+def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
+    """LaVIN with random weights of the given sizes: batch 4 x 512 up to what fits."""
+    from clip import VisionTransformer
+    from lavin import LaVIN, LaVINArgs
+    from model import Llama
+
+    torch.manual_seed(0)
+    with device:
+        llama, visual = Llama(args).to(dtype), VisionTransformer(**vit).to(dtype)
+    model = LaVIN(LaVINArgs(), llama.eval(), visual.eval(), [1, 2, 3], [1, 2, 3, 4, 5])
+    n_llama = sum(p.numel() for n, p in llama.named_parameters() if p.ndim == 2 and "tok_embeddings" not in n)
+    n_clip = sum(p.numel() for p in visual.parameters() if p.ndim >= 2)
+    lines = [f"LaVIN, LLaMA dim {args.dim} x {args.n_layers} layers, ViT width {vit['width']} x {vit['layers']}, "
+             f"random weights, {device.type} {dtype}: frozen backbones, fp32 adapters"]
+
+    def batches_of(B, T=512):
+        g = torch.Generator().manual_seed(B)
+        tokens = torch.randint(3, args.vocab_size, (B, T), generator=g)
+        labels = tokens.clone()
+        labels[:, : T // 3] = -100  # the prompt; the rest is "The answer is X. BECAUSE: ..."
+        return [{"tokens": tokens, "labels": labels, "images": torch.randn(B, 3, 224, 224, generator=g),
+                 "img_indicator": torch.ones(B, dtype=torch.long)}]
+
+    def flops(B, T=512):
+        return 4 * (n_llama * B * (T + model.n_inserted) + n_clip * B * (visual.grid ** 2 + 1))
+
+    for compiled in (False, True):
+        if compiled:
+            for block in [*llama.layers, *visual.transformer.resblocks]:
+                block.compile()
+        for ckpt in (False, True):
+            llama.grad_checkpointing = visual.grad_checkpointing = ckpt
+            tag = f"{'compiled' if compiled else 'eager'}{', grad checkpointing' if ckpt else ''}"
+            for B in (4, 8, 16, 32):
+                try:
+                    lines.append(measure(model, batches_of(B), f"{tag}, batch {B}x512", flops(B)))
+                except torch.cuda.OutOfMemoryError:
+                    lines.append(f"  {tag}, batch {B}x512: out of memory")
+                    torch.cuda.empty_cache()
+                    break
+                if quick:
+                    break
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", choices=["llama", "clip"])
+    p.add_argument("--only", choices=["llama", "clip", "train"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--compare-hf", action="store_true")
     a = p.parse_args()
@@ -190,6 +282,8 @@ def main():
         print("\n".join(bench_llama(device, dtype, a.quick, a.compare_hf)), flush=True)
     if a.only in (None, "clip"):
         print("\n".join(bench_clip(device, dtype, a.quick)), flush=True)
+    if a.only in (None, "train"):
+        print("\n".join(bench_train(device, dtype, a.quick)), flush=True)
 
 
 if __name__ == "__main__":

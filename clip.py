@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from PIL import Image, ImageOps
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -109,6 +110,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, self.heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.grad_checkpointing = False
 
     def embed(self, images):
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.resolution,) * 2:
@@ -127,8 +129,10 @@ class VisionTransformer(nn.Module):
         if not 1 <= every <= self.layers:
             raise ValueError(f"every={every}: need 1 <= every <= {self.layers} (the number of blocks)")
         x, out = self.embed(images), []
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.resblocks, start=1):
-            x = block(x)
+            # grad_checkpointing: keep only each block's input, rerun the block in the backward pass
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
             if i % every == 0:
                 out.append(x[:, 0])
         return torch.stack(out, dim=1)  # (B, layers // every, D)

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapter import MMAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
-from model import Llama, ModelArgs
+from clip import VisionTransformer, load_clip
+from model import Llama, ModelArgs, load_llama
 from router import modality_embedding
 
 IGNORE_INDEX = -100  # label of every position that carries no loss
@@ -137,18 +138,23 @@ class LaVIN(nn.Module):
         m = self.adapter_modality_embedding(ind)[:, None].to(dtype)  # (B, 1, dim)
         return self.llama.route(m)
 
-    def forward(self, tokens, images=None, img_indicator=None, labels=None):
-        """Logits (B, T + E, vocab) of the sequence `embed` builds; with labels, the mean
-        next-token cross-entropy over the answer tokens instead."""
+    def forward(self, tokens, images=None, img_indicator=None, labels=None, reduction: str = "mean"):
+        """Logits (B, T + E, vocab) of the sequence `embed` builds; with labels, the next-token
+        cross-entropy over the answer tokens instead (their mean, or with reduction="sum" their
+        sum: a trainer that normalises by a count across processes wants the sum)."""
         if self.folded is not None and img_indicator is not None and bool((img_indicator != self.folded).any()):
             raise ValueError(f"this model's routing is folded for modality {self.folded} only")
         h, labels = self.embed(tokens, images, img_indicator, labels)
         routes = self.routes(img_indicator, tokens.shape[0], tokens.device, h.dtype)
-        logits = self.llama(embeds=h, routes=routes, pos_offset=1)
         if labels is None:
-            return logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX)
+            return self.llama(embeds=h, routes=routes, pos_offset=1)
+        h = self.llama(embeds=h, routes=routes, pos_offset=1, head=False)  # (B, T + E, dim)
+        # Only answer positions carry loss, so norm and the vocabulary projection run on those
+        # alone: no (B, T + E, vocab) logits, a tenth of the positions in ScienceQA.
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX  # (B, T + E - 1)
+        logits = self.llama.output(self.llama.norm(h[:, :-1][keep]))  # (N answer tokens, vocab)
+        return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
 
     @torch.no_grad()
     def fold(self, modality: int):
@@ -174,6 +180,17 @@ class LaVIN(nn.Module):
             block.adapter_attn = block.adapter_mlp = None
         self.folded = modality
         return self
+
+
+def load_lavin(llama_path, clip_path, args: LaVINArgs | None = None, dtype=torch.float32, device="cpu",
+               max_seq_len: int = 2048):
+    """(LaVIN, Tokenizer) from a LLaMA folder (Meta's or Hugging Face's layout) and an OpenAI CLIP
+    checkpoint: frozen backbones in `dtype`, fresh fp32 adapters. Load trained adapters after."""
+    llama, tokenizer = load_llama(llama_path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    visual = load_clip(clip_path, dtype=dtype, device=device)
+    model = LaVIN(args or LaVINArgs(), llama, visual, tokenizer.encode("Image: ", bos=False, eos=False),
+                  tokenizer.encode("Image: N/A", bos=False, eos=False))
+    return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -238,8 +255,6 @@ PRESETS = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B",
 
 def build_preset(name: str, device="meta") -> LaVIN:
     """A LaVIN preset built from configs alone (on the meta device: no memory, no files)."""
-    from clip import VisionTransformer
-
     size, args = PRESETS[name]
     with torch.device(device):
         llama = Llama(LLAMA_PRESETS[size])

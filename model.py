@@ -1,4 +1,4 @@
-"""LLaMA, written from scratch, and the LaVIN model that teaches it to see.
+"""LLaMA, written from scratch: the frozen language model LaVIN teaches to see.
 
 Part 1 is the language model of Touvron et al. 2023 (LLaMA-1/2), with parameter names equal to
 the keys of Meta's checkpoints so that loading is a strict `load_state_dict`:
@@ -14,8 +14,6 @@ optional KV cache: batched prefill of left-padded prompts, then one-token decode
 
 Part 2 loads Meta's layout (`params.json`, `consolidated.NN.pth` shards, `tokenizer.model`) and
 the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or `*.safetensors`).
-
-Run `python model.py --preset lavin-7b` for a parameter summary built without any weights.
 """
 from __future__ import annotations
 
@@ -26,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -195,10 +194,13 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.grad_checkpointing = False  # recompute each block in the backward pass (training)
 
     def forward(self, tokens=None, embeds=None, cache: KVCache | None = None, routes=None,
-                pos_offset: int = 0):
-        """Logits (B, T, vocab) for token ids (B, T) or ready embeddings (B, T, dim).
+                pos_offset: int = 0, head: bool = True):
+        """Logits (B, T, vocab) for token ids (B, T) or ready embeddings (B, T, dim); with
+        head=False the last block's hidden states (B, T, dim) instead, before norm and output
+        (a trainer applies them to the few positions that carry loss).
 
         cache: a KVCache to read and extend (prefill, then one token per step).
         routes: router weights per layer, as `route` returns them (LaVIN); None for plain LLaMA.
@@ -224,12 +226,17 @@ class Llama(nn.Module):
         cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         if cos.dim() == 3:  # shared positions: (T, 1, hd/2) -> (1, T, 1, hd/2)
             cos, sin = cos[None], sin[None]
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            h, _ = layer(h, cos, sin, mask, kv, start, routes[i] if routes is not None else None)
+            r = routes[i] if routes is not None else None
+            if recompute:  # keep only each block's input; rerun the block in the backward pass
+                h, _ = checkpoint(layer, h, cos, sin, mask, kv, start, r, use_reentrant=False)
+            else:
+                h, _ = layer(h, cos, sin, mask, kv, start, r)
         if cache is not None:
             cache.len += T
-        return self.output(self.norm(h))
+        return self.output(self.norm(h)) if head else h
 
     def route(self, m: torch.Tensor) -> list:
         """Run single tokens m (B, 1, dim) through every block on their own and return the router
@@ -435,18 +442,3 @@ def read_hf(folder: Path):
         else:
             state[key] = t
     return args, state
-
-
-if __name__ == "__main__":
-    import argparse
-    import time
-
-    p = argparse.ArgumentParser(description="Parameter summary of a LaVIN preset, built without weights.")
-    p.add_argument("--preset", default="lavin-7b", choices=["lavin-7b", "lavin-13b"])
-    t0 = time.perf_counter()
-    from lavin import build_preset, summary
-
-    name = p.parse_args().preset
-    model = build_preset(name)
-    print(f"{name}, built on the meta device in {time.perf_counter() - t0:.2f}s (no weights, no files)")
-    print(summary(model))

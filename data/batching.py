@@ -116,6 +116,15 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def drop(self, indices) -> None:
+        """Remove samples in place (train.py drops those whose image cannot be read)."""
+        gone = set(indices)
+        keep = [i for i in range(len(self.samples)) if i not in gone]
+        self.samples = [self.samples[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         return {"pid": s.pid,
