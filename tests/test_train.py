@@ -70,9 +70,9 @@ def test_presets_follow_the_paper_and_flags_win(capsys):
     cfg, notes = train.make_config(["--preset", "lavin-13b", "--temperature", "10", "--epochs", "3"])
     assert (cfg.temperature, cfg.epochs) == (10.0, 3)
     assert any("--temperature 10.0 overrides preset lavin-13b's temperature=5.0" in n for n in notes)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unknown preset 'lavin-70b': use one of lavin-7b, lavin-13b"):
         train.make_config(["--preset", "lavin-70b"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unknown dataset 'imagenet': use one of scienceqa, shapes, instruct"):
         train.make_config(["--dataset", "imagenet"])
 
 
@@ -245,6 +245,8 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     (["--batch_size", "32", "--effective_batch", "32"], "does not fit in the 24 samples"),
     (["--batch_size", "3", "--effective_batch", "8"], "not a multiple of batch_size 3"),
     (["--prompt_format", "QCM-XYZ"], "unknown prompt format"),
+    (["--preset", "lavin-70b"], "unknown preset 'lavin-70b'"),
+    (["--dataset", "coco"], "unknown dataset 'coco'"),
     (["--resume", "/nonexistent/checkpoint.pth"], "no such file"),
 ])
 def test_bad_input_is_one_line_without_traceback(tiny_set, tmp_path, flags, match):
@@ -295,3 +297,24 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(tiny_set, tmp_path
     b = train.main(config(tiny_set, tmp_path / "b", max_steps=2, adapter_dropout=0.0, grad_checkpointing=True))
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-6)
     assert b["model"].llama.grad_checkpointing and b["model"].visual.grad_checkpointing
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: minutes on a cold cache
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """--compile fuses each block: the loss and the adapters' gradients stay the eager ones."""
+    from tests.test_lavin import batch, tiny_lavin
+
+    tokens, images, ind, labels = batch()
+    grads = []
+    for compiled in (False, True):
+        model = tiny_lavin(seed=0, adapter_dropout=0.0).train()
+        if compiled:
+            for block in [*model.llama.layers, *model.visual.transformer.resblocks]:
+                block.compile()
+        loss = model(tokens, images, ind, labels)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (eager, g_eager), (fused, g_fused) = grads
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    for n in g_eager:
+        torch.testing.assert_close(g_fused[n], g_eager[n], rtol=1e-4, atol=1e-6)
