@@ -364,3 +364,43 @@ def test_official_training_settings_that_do_not_fit_are_refused(tmp_path, change
     torch.save(official_checkpoint(model, args=argparse.Namespace(**{**vars(ns), **change})), tmp_path / "c.pth")
     with pytest.raises(ValueError, match=match):
         load_adapters(model, tmp_path / "c.pth")
+
+
+# ------------------------------------------------------------------------------- gaps a mutation pass found
+
+def test_visual_neck_from_raw_checkpoint_tensors_in_float64(tmp_path):
+    """Linear -> SiLU -> Linear, written out from the official tensors (fails with GELU or ReLU)."""
+    model = tiny_lavin()
+    ckpt = official_checkpoint(model)
+    torch.save(ckpt, tmp_path / "checkpoint-19.pth")
+    load_adapters(model, tmp_path / "checkpoint-19.pth")
+    sd = {k: v.double() for k, v in ckpt["model"].items() if "adapter_proj" in k}
+    _, images, ind, _ = batch()
+    feats = model.visual(images, 4).double()  # (B, 2, 64): the [CLS] after blocks 4 and 8
+    z = feats @ sd["module.adapter_proj.conv_A.weight"].T + sd["module.adapter_proj.conv_A.bias"]
+    want = (z / (1 + torch.exp(-z))) @ sd["module.adapter_proj.conv_B.weight"].T + sd["module.adapter_proj.conv_B.bias"]
+    assert torch.allclose(model.adapter_proj.double()(feats), want, rtol=0, atol=1e-9)
+    model.float()
+    tokens = batch()[0]
+    h, _ = model.embed(tokens, images, ind)  # the visual tokens sit after BOS and "Image: "
+    assert torch.allclose(h[0, 1 + len(PREFIX_IMG):1 + len(PREFIX_IMG) + 2].double(), want[0], atol=1e-4)
+
+
+def test_no_image_indicator_means_text():
+    model = tiny_lavin()
+    tokens = batch()[0]
+    none = model.routes(None, 3, "cpu", torch.float32)
+    text = model.routes(torch.full((3,), TEXT), 3, "cpu", torch.float32)
+    image = model.routes(torch.full((3,), IMAGE), 3, "cpu", torch.float32)
+    for (a, _), (t, _), (i, _) in zip(none, text, image):
+        assert torch.equal(a, t) and not torch.allclose(a, i)
+    assert torch.equal(model(tokens), model(tokens, None, torch.full((3,), TEXT)))
+
+
+def test_official_checkpoint_with_another_router_temperature_is_refused(tmp_path):
+    model = tiny_lavin()  # temperature 10, as LaVIN-7B
+    ns = argparse.Namespace(adapter_dim=8, temperature=5.0, hidden_proj=128, adapter_type="attn",
+                            visual_adapter_type="router", adapter_scale=1.0)  # a 13B run's
+    torch.save(official_checkpoint(model, args=ns), tmp_path / "c.pth")
+    with pytest.raises(ValueError, match="temperature=5.0.*temperature=10.0"):
+        load_adapters(model, tmp_path / "c.pth")
