@@ -1,7 +1,7 @@
 """Benchmarks (not tests): how fast the parts run on this machine. Figures go in the README.
 
     python bench.py                 # everything, on the GPU if there is one, else the CPU
-    python bench.py --only llama    # llama | clip | train
+    python bench.py --only llama    # llama | clip | train | sample
     python bench.py --quick         # fewer repetitions
     python bench.py --compare-hf    # also time transformers' LlamaForCausalLM on the same config
 
@@ -267,10 +267,79 @@ def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
     return lines
 
 
+class NoEos:
+    """A tokenizer whose EOS never comes: decode runs every step it is asked for."""
+
+    def __init__(self, tok):
+        self.tok, self.eos_id = tok, -1
+
+
+def bench_sample(device, dtype, quick=False, big=None):
+    """sample.py: decode tokens/s at batch 1 and 16 (prefill excluded: one prefill, then timed
+    one-token steps with the KV cache, the routing computed once), and, on the CPU, evaluation
+    problems/s on the shapes test split (early stop, as `python sample.py --dataset shapes`)."""
+    import sample
+    from model import KVCache
+
+    def decode_rate(model, tok, B, ctx, new):
+        g = torch.Generator().manual_seed(0)
+        prompts = [[1] + torch.randint(3, model.llama.args.vocab_size, (ctx - 1,), generator=g).tolist()] * B
+        ind = torch.zeros(B, dtype=torch.long, device=device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            x, pad, ind = sample.prefill_embeddings(model, prompts, None, ind)
+            routes = model.routes(ind, B, device, x.dtype)
+
+            def run(n):
+                cache = KVCache(model.llama.args, B, x.shape[1] + n, pad=pad, device=device,
+                                dtype=sample.cache_dtype(x))
+                out, _, _ = sample.decode(model, NoEos(tok), cache, routes, x, 1)  # the prefill alone
+                last = model.llama.tok_embeddings(torch.tensor([o[-1:] for o in out], device=device))  # (B, 1, dim)
+                t0 = time.perf_counter()
+                _, _, steps = sample.decode(model, NoEos(tok), cache, routes, last, n)  # n one-token steps
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return B * steps / (time.perf_counter() - t0)
+
+            run(4)  # warm-up
+            return run(new)
+
+    lines = []
+    if not (device.type != "cpu" if big is None else big):  # the shapes model; LaVIN-7B on a GPU
+        from data import build_dataset, shapes
+        from lavin import LaVINArgs, load_lavin
+
+        root = shapes.ensure("data/shapes")
+        model, tok = load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256)
+        model.eval()
+        lines.append(f"sample.py on the shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu")
+        for B in (1, 16):
+            lines.append(f"  decode, batch {B}, 100-token context: {decode_rate(model, tok, B, 100, 64):,.0f} tokens/s")
+        ds = build_dataset("shapes", str(root), "test", tok, prompt_format="QCM-A", resolution=model.visual.resolution)
+        stats = {}
+        t0 = time.perf_counter()
+        sample.evaluate(model, tok, ds, batch_size=64, progress=False, stats=stats)
+        s = time.perf_counter() - t0
+        lines.append(f"  evaluation of the {len(ds)} test problems, batch 64, early stop: {len(ds) / s:,.1f} problems/s "
+                     f"({stats['row_steps'] / len(ds):.1f} decode steps per problem; the reference decodes 64)")
+        return lines
+    from clip import VisionTransformer
+    from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs
+    from model import Llama
+
+    torch.manual_seed(0)
+    with device:
+        llama, visual = Llama(LLAMA_PRESETS["7B"]).to(dtype), VisionTransformer(**VIT_L14).to(dtype)
+    model = LaVIN(LaVINArgs(), llama.eval(), visual.eval(), [1, 2, 3], [1, 2, 3, 4, 5]).eval()
+    lines.append(f"sample.py, LaVIN-7B with random weights, {device.type} {dtype}, eager")
+    for B in (1, 16):
+        lines.append(f"  decode, batch {B}, 512-token context: {decode_rate(model, NoEos(None), B, 512, 64):,.1f} tokens/s")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", choices=["llama", "clip", "train"])
+    p.add_argument("--only", choices=["llama", "clip", "train", "sample"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--compare-hf", action="store_true")
     a = p.parse_args()
@@ -284,6 +353,8 @@ def main():
         print("\n".join(bench_clip(device, dtype, a.quick)), flush=True)
     if a.only in (None, "train"):
         print("\n".join(bench_train(device, dtype, a.quick)), flush=True)
+    if a.only in (None, "sample"):
+        print("\n".join(bench_sample(device, dtype, a.quick)), flush=True)
 
 
 if __name__ == "__main__":
