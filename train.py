@@ -489,6 +489,10 @@ def main(cfg: TrainConfig, notes=()) -> dict:
     workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if device.type == "cuda" else 0)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     extra = {"global_batch": global_batch, "steps_per_epoch": steps_per_epoch}
+    if rank == 0 and ckpt is not None and (out / "log.jsonl").is_file():
+        # Steps logged after the checkpoint (before a crash) are run again: keep one line each.
+        rows = (out / "log.jsonl").read_text().splitlines()
+        (out / "log.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", step + 1) <= step))
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     from tqdm import tqdm
 
@@ -513,7 +517,12 @@ def main(cfg: TrainConfig, notes=()) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr_now
             micro = [next(batches) for _ in range(accum)]
-            loss_value = train_step(ddp, micro, opt, scaler, autocast, device, world)
+            try:
+                loss_value = train_step(ddp, micro, opt, scaler, autocast, device, world)
+            except torch.cuda.OutOfMemoryError:
+                raise UsageError(f"batch_size {cfg.batch_size} does not fit in GPU memory (the longest batch comes "
+                                 f"first): lower --batch_size (--accum_iter keeps the effective batch) or add "
+                                 f"--grad_checkpointing") from None
             skipped += not math.isfinite(loss_value)
             step += 1
             rate = global_batch / (time.perf_counter() - t0)
