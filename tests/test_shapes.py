@@ -121,8 +121,31 @@ def blobs(image: Image.Image) -> list:
                     seen[v, u] = True
                     stack.append((v, u))
         ys, xs = zip(*pixels)
-        out.append((len(pixels), tuple(a[list(ys), list(xs)].mean(0)), np.mean(xs), np.mean(ys)))
+        out.append((len(pixels), tuple(a[list(ys), list(xs)].mean(0)), np.mean(xs), np.mean(ys),
+                    (min(xs), min(ys), max(xs), max(ys))))
     return out
+
+
+def shape_of(blob) -> str:
+    """Which of shapes.SHAPES a blob is, from how much of its bounding box it fills and where its
+    mass sits: a square fills it, a circle pi/4, a triangle and a diamond half (the triangle's
+    weight low, pointing up), a star about a third."""
+    n, _, _, my, (x0, y0, x1, y1) = blob
+    fill = n / ((x1 - x0 + 1) * (y1 - y0 + 1))
+    if fill > 0.9:
+        return "square"
+    if fill > 0.68:
+        return "circle"
+    if fill > 0.455:
+        return "triangle" if (my - (y0 + y1) / 2) / (y1 - y0 + 1) > 0.08 else "diamond"
+    return "star"
+
+
+def test_shape_of_reads_every_shape():
+    for shape in shapes.SHAPES:
+        for r in (11, 14):
+            found = blobs(shapes.render([(shape, "red", 32, 32, r)]))
+            assert len(found) == 1 and shape_of(found[0]) == shape, (shape, r)
 
 
 def test_image_answers_are_in_the_picture_not_the_text(tmp_path):
@@ -148,6 +171,8 @@ def test_image_answers_are_in_the_picture_not_the_text(tmp_path):
             assert len(found) == 2 and p["solution"] == f"The {answer} is on the {side}."
             axis = 2 if side in ("left", "right") else 3  # the pair lies apart along the asked axis
             assert abs(found[0][axis] - found[1][axis]) > 16
+            first, last = sorted(found, key=lambda b: b[axis])  # left/top, right/bottom
+            assert shape_of(first if side in ("left", "top") else last) == answer, pid  # on the asked side
             checked["position"] += 1
     assert min(checked.values()) >= 5 and len(checked) == 3
     # No question text decides its answer: each one asked 5+ times got several different answers.
