@@ -120,7 +120,7 @@ def test_log_has_one_line_per_step_and_the_lr_moves_every_iteration(tiny_set, tm
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 8))
     assert all({"step", "epoch", "loss", "lr", "samples_per_s"} <= set(r) for r in rows)
-    lr = 0.1 * 8 / 256
+    lr = 9e-3 * 8 / 256
     # 3 steps per epoch, 2 micro-batches per step: the lr is set from the fractional epoch of the
     # window's first micro-batch, so it rises at every step of the warm-up, not once per epoch
     for i, r in enumerate(rows):  # independent of lr_at: warm-up over 2 epochs, then cosine over 1
