@@ -195,20 +195,28 @@ def load_lavin(llama_path, clip_path, args: LaVINArgs | None = None, dtype=torch
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_adapters(path, model: LaVIN, **extra):
-    """Only what trains, plus the configs it belongs to; written atomically (a crash leaves the
-    previous file whole). Loadable with weights_only=True."""
+def atomic_save(obj, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash while
+    writing leaves the previous file whole."""
     path = Path(path)
-    state = {"model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},
-             "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args), **extra}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_adapters(model: LaVIN, path):
-    """Load our own adapter checkpoint or an official LaVIN one (`checkpoint-19.pth`); every key
-    and shape is checked before anything is copied. Returns the checkpoint dict."""
+def save_adapters(path, model: LaVIN, **extra):
+    """Only what trains, plus the configs it belongs to; written atomically. Loadable with
+    weights_only=True."""
+    state = {"model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},
+             "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args), **extra}
+    atomic_save(state, path)
+
+
+def read_adapters(path) -> dict:
+    """Our adapter checkpoint or an official LaVIN one (`checkpoint-19.pth`), as its dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter checkpoint at {path}")
@@ -217,6 +225,14 @@ def load_adapters(model: LaVIN, path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise KeyError(f"{path}: not an adapter checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def load_adapters(model: LaVIN, path, ckpt: dict | None = None):
+    """Load our own adapter checkpoint or an official LaVIN one; every key and shape is checked
+    before anything is copied. ckpt: the file's dict if the caller has read it already (it is
+    not read again). Returns the checkpoint dict."""
+    ckpt = read_adapters(path) if ckpt is None else ckpt
     state = ckpt["model"]
     official = "lavin_args" not in ckpt
     if official:
@@ -253,14 +269,15 @@ VIT_L14 = dict(resolution=224, patch_size=14, width=1024, layers=24, output_dim=
 PRESETS = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B", LaVINArgs(temperature=5.0))}
 
 
-def build_preset(name: str, device="meta") -> LaVIN:
-    """A LaVIN preset built from configs alone (on the meta device: no memory, no files)."""
-    size, args = PRESETS[name]
+def build_preset(name: str, device="meta", args: LaVINArgs | None = None) -> LaVIN:
+    """A LaVIN preset built from configs alone (on the meta device: no memory, no files); args
+    replaces the preset's adapter settings."""
+    size, preset_args = PRESETS[name]
     with torch.device(device):
         llama = Llama(LLAMA_PRESETS[size])
         visual = VisionTransformer(**VIT_L14)
     # Placeholder ids for "Image: " and "Image: N/A": they change no parameter count.
-    return LaVIN(args, llama, visual, [0] * 3, [0] * 5)
+    return LaVIN(args or preset_args, llama, visual, [0] * 3, [0] * 5)
 
 
 def summary(model: LaVIN) -> str:

@@ -36,7 +36,7 @@ import data
 from data.instruct import instruction_prompt
 from data.scienceqa import DataError, read_release, split_pids
 from data.table import ANSWER_PATTERN, format_table, score, to_indices
-from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin
+from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from router import IMAGE, TEXT
 
@@ -254,8 +254,7 @@ def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_
         # The longest row's room is the batch's budget (the official code cuts it the same way).
         budget = max(1, min(max_new_tokens, model.llama.args.max_seq_len - max(size[i] for i in idx)))
         st = {}
-        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with amp:
+        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
             outs = generate(model, tokenizer, [prompts[i] for i in idx], images, ind, budget, stop=stop, stats=st)
         row_steps += st["steps"] * len(idx)
         texts.update({s.pid: tokenizer.decode(o) for s, o in zip(rows, outs)})
@@ -324,17 +323,14 @@ def message(e: BaseException) -> str:
 
 
 def read_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no adapter checkpoint at {path}")
-    try:  # the official files pickle the training script's argparse.Namespace: allow that one class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return read_adapters(path)
+    except FileNotFoundError as e:
+        raise UsageError(message(e)) from e
+    except KeyError as e:
+        raise UsageError(f"{path} is not an adapter checkpoint (no 'model' entry)") from e
     except Exception as e:  # a damaged or foreign file fails in many ways; all are the user's to fix
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UsageError(f"{path} is not an adapter checkpoint (no 'model' entry)")
-    return ckpt
 
 
 def lavin_args(ckpt: dict | None) -> LaVINArgs:
@@ -394,7 +390,7 @@ def load_model(cfg: SampleConfig, device, dtype):
         raise UsageError(message(e)) from e
     if cfg.adapters:
         try:
-            load_adapters(model, cfg.adapters)
+            load_adapters(model, cfg.adapters, ckpt)  # read once, above
         except (KeyError, ValueError) as e:
             raise UsageError(f"{message(e)} (adapters for another model than {cfg.llama_path} + "
                              f"{cfg.clip_path})") from e

@@ -40,7 +40,7 @@ import data
 import data.shapes
 from adapter import load_trainable, trainable_state_dict
 from data.batching import IGNORE_INDEX
-from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, load_lavin, save_adapters, summary
+from lavin import LaVIN, LaVINArgs, atomic_save, build_preset, load_lavin, save_adapters, summary
 
 
 @dataclass
@@ -99,7 +99,7 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     "shapes": dict(dataset="shapes", batch_size=16, max_seq_len=256, prompt_format="QCM-A", eval_batch_size=64),
 }
 DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b"}
-PRESET_SIZE = {"lavin-7b": "7B", "lavin-13b": "13B", "chatbot-7b": "7B"}  # for --dry_run without weights
+ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "chatbot-7b": "lavin-7b"}  # lavin.PRESETS, for --dry_run
 
 
 class UsageError(Exception):
@@ -117,25 +117,25 @@ def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
         else:
             p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS)
     given = vars(p.parse_args(argv))  # only the flags on the command line
-    dataset = given.get("dataset", TrainConfig.dataset)
-    if dataset not in DATASET_PRESET:
-        raise UsageError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASET_PRESET)}")
-    preset = given.get("preset") or DATASET_PRESET[dataset]
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
     values = {**PRESETS[preset], "preset": preset}
     notes = [f"--{k} {v} overrides preset {preset}'s {k}={values[k]}" for k, v in given.items()
              if k in values and values[k] != v]
     return TrainConfig(**{**values, **given}), notes
 
 
+def preset_of(dataset: str, preset: str) -> str:
+    """The preset a run uses (by default the dataset's own), after checking both names."""
+    if dataset not in DATASET_PRESET:
+        raise UsageError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASET_PRESET)}")
+    if preset and preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return preset or DATASET_PRESET[dataset]
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the paths left empty with their defaults, and check the values."""
-    if cfg.dataset not in DATASET_PRESET:
-        raise UsageError(f"unknown dataset {cfg.dataset!r}: use one of {', '.join(DATASET_PRESET)}")
-    if cfg.preset and cfg.preset not in PRESETS:
-        raise UsageError(f"unknown preset {cfg.preset!r}: use one of {', '.join(PRESETS)}")
-    preset = cfg.preset or DATASET_PRESET[cfg.dataset]
+    preset = preset_of(cfg.dataset, cfg.preset)
     data_path = cfg.data_path or data.DEFAULT_ROOTS[cfg.dataset]
     shapes = cfg.dataset == "shapes"
     cfg = dataclasses.replace(
@@ -249,17 +249,6 @@ class SkipBatches(Sampler):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash while
-    writing leaves the previous file whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_state(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -269,11 +258,10 @@ def save_checkpoint(out: Path, model: LaVIN, opt, scaler, step: int, cfg: TrainC
                     world: int, device: torch.device, extra: dict):
     """checkpoint.pth (what --resume reads) and adapters.pth (what sample.py reads). Every rank
     calls this: the RNG states of all ranks go into the file, written by rank 0."""
-    rngs = [None] * world
+    rngs = [rng_state(device)]
     if dist.is_initialized():
+        rngs = [None] * world
         dist.all_gather_object(rngs, rng_state(device))
-    else:
-        rngs = [rng_state(device)]
     if rank != 0:
         return
     state = {"model": {k: v.detach().float().cpu() for k, v in trainable_state_dict(model).items()},
@@ -384,14 +372,9 @@ def dry_run(cfg: TrainConfig, device: torch.device):
         model, _ = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), device=device, dtype=torch.float32,
                               max_seq_len=cfg.max_seq_len)
         where = f"from {cfg.llama_path} and {cfg.clip_path}"
-    elif cfg.preset in PRESET_SIZE:
-        from clip import VisionTransformer
-        from model import Llama
-
-        with torch.device("meta"):
-            model = LaVIN(lavin_args(cfg), Llama(LLAMA_PRESETS[PRESET_SIZE[cfg.preset]]),
-                          VisionTransformer(**VIT_L14), [0] * 3, [0] * 5)
-        where = f"LLaMA-{PRESET_SIZE[cfg.preset]} + ViT-L/14 configs on the meta device (no weights read)"
+    elif cfg.preset in ARCHITECTURE:
+        model = build_preset(ARCHITECTURE[cfg.preset], args=lavin_args(cfg))
+        where = f"{ARCHITECTURE[cfg.preset]}'s LLaMA and ViT-L/14 configs on the meta device (no weights read)"
     else:
         raise UsageError(f"--dry_run needs the weights ({cfg.llama_path}, {cfg.clip_path}) for preset {cfg.preset}")
     print(f"{cfg.preset}: {where}\n{summary(model)}")
