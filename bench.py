@@ -24,6 +24,7 @@ from PIL import Image
 
 import clip
 from adapter import MMAdapter
+from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, load_lavin
 from model import KVCache, Llama, ModelArgs
 
 BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=16000, multiple_of=256, max_seq_len=1024)
@@ -176,6 +177,22 @@ def bench_clip(device, dtype, quick=False):
     return lines
 
 
+def shapes_model():
+    """(folder, LaVIN, tokenizer) of the demo: data/shapes, built on first use, fresh adapters."""
+    from data import shapes
+
+    root = shapes.ensure("data/shapes")
+    return (root, *load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256))
+
+
+def random_lavin(device, dtype, args: ModelArgs, vit: dict) -> LaVIN:
+    """LaVIN with random frozen backbones of the given sizes in `dtype` and fp32 adapters."""
+    torch.manual_seed(0)
+    with device:
+        llama, visual = Llama(args).to(dtype), clip.VisionTransformer(**vit).to(dtype)
+    return LaVIN(LaVINArgs(), llama.eval(), visual.eval(), [1, 2, 3], [1, 2, 3, 4, 5])
+
+
 def bench_train(device, dtype, quick=False):
     """The whole training step of train.py (LaVIN forward with images, loss on the answer,
     backward into the adapters, AdamW): the shapes model on the CPU, LaVIN-7B with random
@@ -183,7 +200,6 @@ def bench_train(device, dtype, quick=False):
     --compile). MFU counts 4 FLOPs per matmul parameter and token (frozen weights: forward, and
     backward into activations only) against the GPU's dense bf16 peak (989 TFLOP/s for an H100)."""
     import train
-    from lavin import LLAMA_PRESETS, VIT_L14, LaVINArgs, load_lavin
 
     reps = 2 if quick else 5
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -206,10 +222,9 @@ def bench_train(device, dtype, quick=False):
         return line
 
     if device.type == "cpu":
-        from data import build_dataset, shapes
+        from data import build_dataset
 
-        root = shapes.ensure("data/shapes")
-        model, tok = load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256)
+        root, model, tok = shapes_model()
         ds = build_dataset("shapes", str(root), "train", tok, max_seq_len=256, reserve=model.n_inserted,
                            resolution=model.visual.resolution)
         batch = 32
@@ -224,14 +239,8 @@ def bench_train(device, dtype, quick=False):
 
 def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
     """LaVIN with random weights of the given sizes: batch 4 x 512 up to what fits."""
-    from clip import VisionTransformer
-    from lavin import LaVIN, LaVINArgs
-    from model import Llama
-
-    torch.manual_seed(0)
-    with device:
-        llama, visual = Llama(args).to(dtype), VisionTransformer(**vit).to(dtype)
-    model = LaVIN(LaVINArgs(), llama.eval(), visual.eval(), [1, 2, 3], [1, 2, 3, 4, 5])
+    model = random_lavin(device, dtype, args, vit)
+    llama, visual = model.llama, model.visual
     n_llama = sum(p.numel() for n, p in llama.named_parameters() if p.ndim == 2 and "tok_embeddings" not in n)
     n_clip = sum(p.numel() for p in visual.parameters() if p.ndim >= 2)
     lines = [f"LaVIN, LLaMA dim {args.dim} x {args.n_layers} layers, ViT width {vit['width']} x {vit['layers']}, "
@@ -279,7 +288,6 @@ def bench_sample(device, dtype, quick=False, big=None):
     one-token steps with the KV cache, the routing computed once), and, on the CPU, evaluation
     problems/s on the shapes test split (early stop, as `python sample.py --dataset shapes`)."""
     import sample
-    from model import KVCache
 
     def decode_rate(model, tok, B, ctx, new):
         g = torch.Generator().manual_seed(0)
@@ -305,11 +313,9 @@ def bench_sample(device, dtype, quick=False, big=None):
 
     lines = []
     if not (device.type != "cpu" if big is None else big):  # the shapes model; LaVIN-7B on a GPU
-        from data import build_dataset, shapes
-        from lavin import LaVINArgs, load_lavin
+        from data import build_dataset
 
-        root = shapes.ensure("data/shapes")
-        model, tok = load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256)
+        root, model, tok = shapes_model()
         model.eval()
         lines.append(f"sample.py on the shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu")
         for B in (1, 16):
@@ -322,17 +328,10 @@ def bench_sample(device, dtype, quick=False, big=None):
         lines.append(f"  evaluation of the {len(ds)} test problems, batch 64, early stop: {len(ds) / s:,.1f} problems/s "
                      f"({stats['row_steps'] / len(ds):.1f} decode steps per problem; the reference decodes 64)")
         return lines
-    from clip import VisionTransformer
-    from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs
-    from model import Llama
-
-    torch.manual_seed(0)
-    with device:
-        llama, visual = Llama(LLAMA_PRESETS["7B"]).to(dtype), VisionTransformer(**VIT_L14).to(dtype)
-    model = LaVIN(LaVINArgs(), llama.eval(), visual.eval(), [1, 2, 3], [1, 2, 3, 4, 5]).eval()
+    model = random_lavin(device, dtype, LLAMA_PRESETS["7B"], VIT_L14).eval()
     lines.append(f"sample.py, LaVIN-7B with random weights, {device.type} {dtype}, eager")
     for B in (1, 16):
-        lines.append(f"  decode, batch {B}, 512-token context: {decode_rate(model, NoEos(None), B, 512, 64):,.1f} tokens/s")
+        lines.append(f"  decode, batch {B}, 512-token context: {decode_rate(model, None, B, 512, 64):,.1f} tokens/s")
     return lines
 
 
