@@ -10,7 +10,8 @@ the keys of Meta's checkpoints so that loading is a strict `load_state_dict`:
 
 The adapter slots stay empty for a plain LLaMA; LaVIN (adapter.py, router.py) fills them.
 Attention uses grouped-query heads, Meta's rotary embedding (adjacent dims form a pair) and an
-optional KV cache: batched prefill of left-padded prompts, then one-token decode steps.
+optional KV cache: batched prefill of left-padded prompts, then one-token decode steps, either by
+`forward` or by `decode_step`, whose shapes never change (for torch.compile and CUDA graphs).
 
 Part 2 loads Meta's layout (`params.json`, `consolidated.NN.pth` shards, `tokenizer.model`) and
 the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or `*.safetensors`).
@@ -109,7 +110,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-        if kv is not None:  # write this step into the cache, attend to everything so far
+        if kv is not None and isinstance(start, torch.Tensor):  # Llama.decode_step: fixed shapes
+            k_buf, v_buf = kv
+            k_buf.index_copy_(2, start, k)  # into slot `start` (a (1,) tensor), in place
+            v_buf.index_copy_(2, start, v)
+            k, v = k_buf, v_buf  # every slot, (B, nkv, max_len, hd): the mask hides the unwritten
+        elif kv is not None:  # write this step into the cache, attend to everything so far
             k_buf, v_buf = kv
             k_buf[:, :, start : start + T] = k
             v_buf[:, :, start : start + T] = v
@@ -172,13 +178,21 @@ class KVCache:
                  device=None, dtype=torch.float32):
         max_len = max_len or args.max_seq_len
         shape = (batch, args.kv_heads, max_len, args.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.reset(pad)  # zeroes them
+
+    def reset(self, pad=None):
+        """Empty the cache for a new batch of as many rows, keeping its tensors where they are
+        (a captured CUDA graph reads them at their addresses)."""
+        batch, device = self.k[0].shape[0], self.k[0].device
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else \
             torch.as_tensor(pad, dtype=torch.long, device=device)
         self.padded = bool((self.pad > 0).any())  # decided once, so decode steps never sync
         self.len = 0  # slots filled so far
-        self.max_len = max_len
+        for t in self.k + self.v:  # decode_step masks stale slots, but 0 * NaN is still NaN
+            t.zero_()
 
 
 class Llama(nn.Module):
@@ -237,6 +251,25 @@ class Llama(nn.Module):
         if cache is not None:
             cache.len += T
         return self.output(self.norm(h)) if head else h
+
+    def decode_step(self, embeds, cache: KVCache, slot: torch.Tensor, routes=None, pos_offset: int = 0):
+        """Logits (B, vocab) of one token per row, embeds (B, 1, dim), written at cache slot
+        `slot` (a (1,) long tensor on the model's device) after a prefill by `forward`.
+
+        `forward` attends to the slots filled so far, so its shapes grow with every step. Here no
+        shape ever changes, so torch.compile can capture the step once as a CUDA graph: the token
+        attends to all cache.max_len slots, and a mask hides those not written yet and each row's
+        left padding. The caller advances cache.len (a Python int read here would be compiled in).
+        """
+        keys = torch.arange(cache.max_len, device=embeds.device)  # (S,)
+        mask = (keys <= slot) & (keys >= cache.pad[:, None])  # (B, S): written, and not padding
+        positions = (slot - cache.pad)[:, None] + pos_offset  # (B, 1): counted from the first real token
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # (B, 1, 1, hd/2)
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            r = routes[i] if routes is not None else None
+            h, _ = layer(h, cos, sin, mask[:, None, None], (cache.k[i], cache.v[i]), slot, r)
+        return self.output(self.norm(h[:, -1]))
 
     def route(self, m: torch.Tensor) -> list:
         """Run single tokens m (B, 1, dim) through every block on their own and return the router

@@ -178,6 +178,34 @@ def test_left_padded_batch_of_different_lengths():
     assert (prefill[1, 5:] - want_b[0, :4]).abs().max() < 1e-5
 
 
+def test_decode_step_equals_forward_steps():
+    """decode_step, every shape fixed (for CUDA graphs), gives forward's logits: a left-padded
+    batch, and garbage in the slots no step has written yet (a reused cache)."""
+    args = tiny_args()
+    model = model_from(args, random_state(args))
+    a = torch.randint(3, args.vocab_size, (1, 9))
+    b = torch.randint(3, args.vocab_size, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])  # b left-padded
+    nxt = torch.randint(3, args.vocab_size, (2, 3))
+    cache = KVCache(args, batch=2, max_len=16, pad=[0, 5])
+    model(batch, cache=cache, pos_offset=1)
+    want = [model(nxt[:, t:t + 1], cache=cache, pos_offset=1)[:, -1] for t in range(3)]
+    cache = KVCache(args, batch=2, max_len=16, pad=[0, 5])
+    for t in cache.k + cache.v:
+        t.normal_(0, 10)  # what an earlier batch left: decode_step sees every slot, the mask must hide it
+    model(batch, cache=cache, pos_offset=1)
+    before = [k.clone() for k in cache.k]
+    got = []
+    for t in range(3):
+        got.append(model.decode_step(model.tok_embeddings(nxt[:, t:t + 1]), cache, torch.tensor([cache.len]),
+                                     pos_offset=1))
+        cache.len += 1
+    assert (torch.stack(got) - torch.stack(want)).abs().max() < 1e-5
+    for k, k0 in zip(cache.k, before):  # each step wrote its own slot and no other
+        assert torch.equal(k[:, :, :9], k0[:, :, :9]) and torch.equal(k[:, :, 12:], k0[:, :, 12:])
+        assert not (k[:, :, 9:12] == k0[:, :, 9:12]).all(-1).any()
+
+
 def test_route_runs_single_tokens_without_rope():
     args = tiny_args()
     model = model_from(args, random_state(args))
