@@ -15,6 +15,7 @@ Generation (Meta's batched decoding, plus LaVIN's insertion and routing):
     modality token ─> router weights of every block, computed once, reused by every decode step
     loop: greedy or temperature + top-p ─> feed the token ─> next logits; a row ends at EOS or
           when `stop` says so ("The answer is X." decoded, in evaluation); the batch ends with its last row
+          (--compile: each step by StaticDecoder, shapes fixed, compiled; one CUDA graph launch on a GPU)
 
 Evaluation: prompts sorted by length, rank r of W takes every W-th, in batches; the texts are
 gathered on rank 0 -> data/table.py -> preds.json, results.json, outputs.json and the table.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from data.instruct import instruction_prompt
 from data.scienceqa import DataError, read_release, split_pids
 from data.table import ANSWER_PATTERN, format_table, score, to_indices
 from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
-from model import KVCache
+from model import KVCache, Llama
 from router import IMAGE, TEXT
 
 
@@ -71,6 +73,7 @@ class SampleConfig:
     max_seq_len: int = 0  # 0 = the run's, else 512 (the official evaluation's)
     image_mode: str = ""  # lavin | clip (see clip.preprocess); "" = the run's, else lavin
     device: str = ""  # "" = cuda if there is one, else cpu
+    compile: bool = False  # decode steps of fixed shapes, torch.compile'd (a CUDA graph on a GPU); see StaticDecoder
     precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
 
 
@@ -131,12 +134,54 @@ def cache_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+class StaticDecoder:
+    """One-token decode steps by Llama.decode_step, whose shapes never change, compiled unless
+    compile=False. On CUDA, mode="reduce-overhead" captures the step in a CUDA graph: a step is
+    then one graph launch instead of hundreds of kernel launches, which bound the eager loop at
+    batch 1 (it runs far below the speed of reading the weights). A graph reads its KV cache at
+    the addresses it was captured with, so the decoder keeps one cache of max_seq_len slots per
+    batch size and hands it out again, emptied, to every batch of that size."""
+
+    def __init__(self, llama: Llama, compile: bool = True):
+        self.llama, self.caches, self.step = llama, {}, llama.decode_step
+        if compile:
+            cuda = llama.tok_embeddings.weight.device.type == "cuda"
+            options = {
+                "triton.cudagraphs": cuda,  # what mode="reduce-overhead" sets (mode excludes options)
+                # Fused kernels round to bf16/fp16 where eager does: else the tokens drift from eager's.
+                "emulate_precision_casts": True,
+            }
+            # dynamic=False: one graph per batch size (an evaluation has two, its batch and its last)
+            self.step = torch.compile(llama.decode_step, options=options, fullgraph=True, dynamic=False)
+
+    def cache(self, batch: int, pad, dtype) -> KVCache:
+        """The cache for `batch` rows with left padding pad (B,) (None: none), emptied."""
+        cache = self.caches.get((batch, dtype))
+        if cache is None:
+            cache = KVCache(self.llama.args, batch, device=self.llama.tok_embeddings.weight.device, dtype=dtype)
+            for t in cache.k + cache.v:  # a graph input at a fixed address: written in place, not copied in
+                torch._dynamo.mark_static_address(t)
+            self.caches[batch, dtype] = cache
+        cache.reset(pad)
+        return cache
+
+    def __call__(self, embeds, cache: KVCache, routes, pos_offset: int):
+        """Logits (B, vocab) of embeds (B, 1, dim) fed at the cache's next slot."""
+        slot = torch.tensor([cache.len], device=embeds.device)  # a tensor: one graph serves every slot
+        # The last step's logits are used up: the graph may overwrite its outputs in this step.
+        torch.compiler.cudagraph_mark_step_begin()
+        logits = self.step(embeds, cache, slot, routes, pos_offset)
+        cache.len += 1
+        return logits
+
+
 @torch.inference_mode()
 def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: int, temperature=0.0,
-           top_p=1.0, generator=None, stop=None, on_token=None):
+           top_p=1.0, generator=None, stop=None, on_token=None, decoder: StaticDecoder | None = None):
     """Feed embeddings x (B, T, dim) into the cache, then sample up to max_new_tokens per row.
     Returns (new tokens per row without EOS, whether each row ended at EOS, decode steps). The
-    last token sampled is never fed: a caller that goes on (chat) feeds it first."""
+    last token sampled is never fed: a caller that goes on (chat) feeds it first. x always runs
+    through the eager forward; the one-token steps through decoder if given (cache must be its)."""
     if cache.len + x.shape[1] + max_new_tokens - 1 > cache.max_len:
         raise ContextTooLong(f"{cache.len + x.shape[1]} positions + {max_new_tokens} new tokens do not "
                              f"fit the context of {cache.max_len}")
@@ -165,19 +210,25 @@ def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: i
             return out, at_eos, steps
         # Rows that ended keep decoding (their tokens are dropped): the batch keeps one shape.
         emb = model.llama.tok_embeddings(nxt[:, None])  # (B, 1, dim)
-        logits = model.llama(embeds=emb, cache=cache, routes=routes, pos_offset=1)[:, -1]
+        if decoder is None:
+            logits = model.llama(embeds=emb, cache=cache, routes=routes, pos_offset=1)[:, -1]
+        else:
+            logits = decoder(emb, cache, routes, pos_offset=1)
 
 
 @torch.inference_mode()
 def generate(model: LaVIN, tokenizer, prompts: list[list[int]], images=None, img_indicator=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, generator=None,
-             stop=None, on_token=None, stats: dict | None = None) -> list[list[int]]:
+             stop=None, on_token=None, stats: dict | None = None,
+             decoder: StaticDecoder | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids starting with BOS), cut before EOS.
 
     images (B, 3, R, R) and img_indicator (B,) as in training (1 = the row shows its image; None:
     all text). Greedy when temperature is 0. stop(row, new_ids) -> True ends a row early;
     on_token(row, new_ids) is called after each token a row gets (streaming). stats, if given,
-    receives "steps": the tokens sampled per row, the batch's last row included.
+    receives "steps": the tokens sampled per row, the batch's last row included. decoder: a
+    StaticDecoder (--compile) for the one-token steps, in its own cache; None: the eager forward.
+    Pass one decoder to every call: a new one would allocate and capture its graph anew.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -189,9 +240,12 @@ def generate(model: LaVIN, tokenizer, prompts: list[list[int]], images=None, img
         raise ContextTooLong(f"prompt {b} takes {L} positions ({len(prompts[b])} tokens + {L - len(prompts[b])} "
                              f"inserted); with max_new_tokens={max_new_tokens} that exceeds max_seq_len={limit}")
     routes = model.routes(ind, B, x.device, x.dtype)  # once, for every step
-    cache = KVCache(model.llama.args, B, L + max_new_tokens, pad=pad, device=x.device, dtype=cache_dtype(x))
+    if decoder is None:
+        cache = KVCache(model.llama.args, B, L + max_new_tokens, pad=pad, device=x.device, dtype=cache_dtype(x))
+    else:
+        cache = decoder.cache(B, pad, cache_dtype(x))
     out, _, steps = decode(model, tokenizer, cache, routes, x, max_new_tokens, temperature, top_p,
-                           generator, stop, on_token)
+                           generator, stop, on_token, decoder)
     if stats is not None:
         stats["steps"] = steps
     return out
@@ -224,10 +278,12 @@ def answer_stop(tokenizer):
 @torch.inference_mode()
 def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_tokens: int = 64,
              early_stop: bool = True, rank: int = 0, world_size: int = 1, device=None,
-             autocast_dtype=None, progress: bool = True, stats: dict | None = None) -> dict[str, str]:
+             autocast_dtype=None, progress: bool = True, stats: dict | None = None,
+             compile: bool = False) -> dict[str, str]:
     """{pid: generated text} for this rank's shard of a TokenizedDataset (ScienceQA layout). Each
     prompt is encoded alone, as the official evaluation does. stats receives "row_steps" (tokens
-    decoded, summed over the rows of every batch: what the compute costs) and "problems"."""
+    decoded, summed over the rows of every batch: what the compute costs) and "problems".
+    compile: decode with one StaticDecoder for all batches."""
     from tqdm import tqdm
 
     model = getattr(model, "module", model)  # a DDP wrapper
@@ -243,6 +299,7 @@ def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_
     R = model.visual.resolution
     texts, row_steps = {}, 0
     stop = answer_stop(tokenizer) if early_stop else None
+    decoder = StaticDecoder(model.llama) if compile else None
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc="evaluating", unit="batch", disable=not progress or rank != 0):
         rows = [samples[i] for i in idx]
@@ -255,7 +312,8 @@ def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_
         budget = max(1, min(max_new_tokens, model.llama.args.max_seq_len - max(size[i] for i in idx)))
         st = {}
         with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-            outs = generate(model, tokenizer, [prompts[i] for i in idx], images, ind, budget, stop=stop, stats=st)
+            outs = generate(model, tokenizer, [prompts[i] for i in idx], images, ind, budget, stop=stop, stats=st,
+                            decoder=decoder)
         row_steps += st["steps"] * len(idx)
         texts.update({s.pid: tokenizer.decode(o) for s, o in zip(rows, outs)})
     model.train(was_training)
@@ -267,7 +325,7 @@ def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_
 def evaluate_split(model: LaVIN, tokenizer, *, dataset_name: str, data_path: str | None, split: str,
                    prompt_format: str, batch_size: int, output_dir: str, image_mode: str = "lavin",
                    max_new_tokens: int = 64, early_stop: bool = True, rank: int = 0, world_size: int = 1,
-                   device=None, autocast_dtype=None, progress: bool = True) -> dict | None:
+                   device=None, autocast_dtype=None, progress: bool = True, compile: bool = False) -> dict | None:
     """Evaluate on a ScienceQA-layout split across all ranks; rank 0 writes preds.json ({pid: choice
     index or -1}), results.json (the table, decode steps) and outputs.json ({pid: text}) into
     output_dir, prints the table and returns the results (None on the other ranks)."""
@@ -280,7 +338,7 @@ def evaluate_split(model: LaVIN, tokenizer, *, dataset_name: str, data_path: str
     stats = {}
     texts = evaluate(core, tokenizer, ds, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      early_stop=early_stop, rank=rank, world_size=world_size, device=device,
-                     autocast_dtype=autocast_dtype, progress=progress, stats=stats)
+                     autocast_dtype=autocast_dtype, progress=progress, stats=stats, compile=compile)
     parts = [(texts, stats)]
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         parts = [None] * world_size
@@ -431,6 +489,7 @@ def converse(model: LaVIN, tok, cfg: SampleConfig, image, turns, prefix: str = "
     ind = torch.tensor([IMAGE if image is not None else TEXT], device=device)
     if cfg.fold:
         model.fold(int(ind))
+    decoder = StaticDecoder(model.llama) if cfg.compile else None  # after folding: it compiles what it sees
     cache = routes = None
     pending, answers = [], []  # pending: sampled but not yet fed (the last answer token, EOS)
     for text in turns:
@@ -445,7 +504,8 @@ def converse(model: LaVIN, tok, cfg: SampleConfig, image, turns, prefix: str = "
                                      f"{x.shape[1] - len(ids)} inserted); with max_new_tokens="
                                      f"{cfg.max_new_tokens} that exceeds max_seq_len={limit}")
             routes = model.routes(ind, 1, device, x.dtype)
-            cache = KVCache(model.llama.args, 1, limit, device=device, dtype=cache_dtype(x))
+            cache = KVCache(model.llama.args, 1, limit, device=device, dtype=cache_dtype(x)) if decoder is None \
+                else decoder.cache(1, None, cache_dtype(x))
         else:
             x = model.llama.tok_embeddings(torch.tensor([pending + tok.encode(prompt, bos=False, eos=False)],
                                                         device=device))  # (1, T, dim)
@@ -456,7 +516,7 @@ def converse(model: LaVIN, tok, cfg: SampleConfig, image, turns, prefix: str = "
         print(prefix, end="", flush=True)
         stream = Stream(tok)
         out, at_eos, _ = decode(model, tok, cache, routes, x, min(cfg.max_new_tokens, room), cfg.temperature,
-                                cfg.top_p, on_token=stream)
+                                cfg.top_p, on_token=stream, decoder=decoder)
         stream(0, out[0], final=True)  # what was held back: the answer ended inside a character
         print(flush=True)
         pending = ([] if at_eos[0] else out[0][-1:]) + [tok.eos_id]  # every turn ends in EOS, as in training
@@ -470,6 +530,8 @@ def main(cfg: SampleConfig):
     from train import pick_dtype, setup_distributed  # torchrun's environment, one precision rule
 
     rank, world, device = setup_distributed(cfg.device)
+    if cfg.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UsageError("--compile on a GPU needs triton (pip install triton); or leave out --compile")
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg, device, pick_dtype(cfg.precision, device))
     image = read_image(cfg.image, model, cfg.image_mode).to(device) if cfg.image else None
@@ -479,7 +541,7 @@ def main(cfg: SampleConfig):
                                   prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
                                   output_dir=cfg.output_dir, image_mode=cfg.image_mode,
                                   max_new_tokens=cfg.max_new_tokens, early_stop=cfg.early_stop, rank=rank,
-                                  world_size=world, device=device)
+                                  world_size=world, device=device, compile=cfg.compile)
         if mode == "chat":
             return converse(model, tok, cfg, image, typed_lines(), prefix="lavin> ")
         return converse(model, tok, cfg, image, [cfg.prompt])[0]

@@ -26,8 +26,8 @@ from data.table import parse_answer
 from lavin import LaVIN, LaVINArgs, save_adapters
 from model import Llama, ModelArgs, Tokenizer
 from router import IMAGE, TEXT
-from sample import (ContextTooLong, SampleConfig, Stream, UsageError, converse, evaluate, evaluate_split,
-                    generate, main, make_config, typed_lines)
+from sample import (ContextTooLong, SampleConfig, StaticDecoder, Stream, UsageError, converse, evaluate,
+                    evaluate_split, generate, main, make_config, typed_lines)
 from tests.checkpoints import random_state, write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +183,45 @@ def test_text_rows_ignore_images_and_no_indicator_means_text(world):
     assert generate(model, tok, prompts, images, text, max_new_tokens=5) == want
     assert generate(model, tok, prompts, torch.randn_like(images), text, max_new_tokens=5) == want
     assert generate(model, tok, prompts, images, torch.ones_like(text), max_new_tokens=5) != want
+
+
+def test_static_decode_step_gives_the_eager_tokens(world):
+    """--compile's decode step, uncompiled: the whole cache under a mask, the slot as a tensor.
+    Left-padded rows of different lengths, image and text routes; the decoder's cache, reused by
+    a second batch of the same size, keeps nothing of the first; a folded model has no routes."""
+    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
+    decoder = StaticDecoder(model.llama, compile=False)
+    steps, step = [], decoder.step
+    decoder.step = lambda *args: steps.append(1) or step(*args)  # count the steps it takes
+    for seed, lengths in ((1, (5, 12, 3, 8)), (7, (14, 2, 9, 4))):
+        prompts, images, ind = rows(world.tok, seed=seed, lengths=lengths)
+        want = generate(model, tok, prompts, images, ind, max_new_tokens=8)
+        assert generate(model, tok, prompts, images, ind, max_new_tokens=8, decoder=decoder) == want
+        with torch.inference_mode():  # the cache was made in generate's inference mode
+            for t in [t for cache in decoder.caches.values() for t in cache.k + cache.v]:
+                t.fill_(float("nan"))  # the next batch's reset must clear what this one left
+    assert len(decoder.caches) == 1 and len(steps) == 2 * 7 and len(set(map(tuple, want))) == len(want)
+    folded = copy.deepcopy(model).fold(IMAGE)
+    keep = [0, 2]
+    args = ([prompts[b] for b in keep], images[keep], ind[keep])
+    assert generate(folded, tok, *args, max_new_tokens=8, decoder=StaticDecoder(folded.llama, compile=False)) == \
+        [want[b] for b in keep]
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: a minute on a cold cache
+def test_compiled_decode_gives_the_eager_tokens(world):
+    """--compile for real (torch.compile; CUDA graphs need a GPU): generation, evaluation, chat."""
+    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
+    prompts, images, ind = rows(world.tok)
+    want = generate(model, tok, prompts, images, ind, max_new_tokens=8)
+    assert generate(model, tok, prompts, images, ind, max_new_tokens=8, decoder=StaticDecoder(model.llama)) == want
+    kw = dict(batch_size=16, early_stop=False, max_new_tokens=16, progress=False)
+    assert evaluate(world.model, world.tok, world.ds, compile=True, **kw) == evaluate(world.model, world.tok, world.ds, **kw)
+    cfg = SampleConfig(template="instruction", max_new_tokens=6, fold=False)
+    turns = ["What is in the picture?", "And its colour?"]
+    image = torch.randn(3, 32, 32)
+    assert converse(model, world.tok, dataclasses.replace(cfg, compile=True), image, turns) == \
+        converse(model, world.tok, cfg, image, turns)
 
 
 def test_each_row_stops_at_its_eos_and_the_batch_when_all_have(world):
@@ -352,7 +391,7 @@ def reader(lines):
 def test_flags_become_the_config():
     cfg = make_config(["--run", "out/x", "--no-early_stop", "--temperature", "0.1", "--dataset", "shapes"])
     assert cfg.run == "out/x" and cfg.early_stop is False and cfg.temperature == 0.1 and cfg.dataset == "shapes"
-    assert make_config([]) == SampleConfig()
+    assert make_config(["--compile"]).compile is True and make_config([]) == SampleConfig()
 
 
 def other_size_checkpoint(world, tmp_path):
