@@ -12,6 +12,7 @@ CLIP: ViT-L/14 with random weights, frozen: forward without grad, and forward+ba
 LaVIN's mixture-of-modality adapters only; preprocessing of a 640x480 JPEG in both modes.
 """
 import argparse
+import dataclasses
 import itertools
 import os
 import resource
@@ -279,59 +280,92 @@ def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
 class NoEos:
     """A tokenizer whose EOS never comes: decode runs every step it is asked for."""
 
-    def __init__(self, tok):
-        self.tok, self.eos_id = tok, -1
+    eos_id = -1
+
+
+def decode_rate(model: LaVIN, B: int, ctx: int, new: int, device, dtype, decoder=None):
+    """(tokens/s of `new` one-token decode steps after a ctx-token prompt, repeated in B rows;
+    row 0's tokens). The routing is computed once; the prefill is not timed: the clock runs from
+    the first token sampled to the last, each read back to the host (a sync) as it comes.
+    decoder: a sample.StaticDecoder for the steps (--compile); None: the eager forward."""
+    import sample
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1] + torch.randint(3, model.llama.args.vocab_size, (ctx - 1,), generator=g).tolist()] * B
+    ind = torch.zeros(B, dtype=torch.long, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        x, pad, ind = sample.prefill_embeddings(model, prompts, None, ind)
+        routes = model.routes(ind, B, device, x.dtype)
+
+        def run(n):
+            cache = KVCache(model.llama.args, B, x.shape[1] + n, pad=pad, device=device, dtype=sample.cache_dtype(x)) \
+                if decoder is None else decoder.cache(B, pad, sample.cache_dtype(x))
+            times = []
+            out, _, _ = sample.decode(model, NoEos(), cache, routes, x, n + 1, decoder=decoder,
+                                      on_token=lambda b, ids: b == 0 and times.append(time.perf_counter()))
+            return B * n / (times[-1] - times[0]), out[0]
+
+        run(4)  # warm-up (and compilation, and capture of the CUDA graph)
+        return run(new)
+
+
+def same_tokens(got: list, want: list) -> str:
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    return f"the same {len(want)} tokens as eager" if k is None and len(got) == len(want) else \
+        f"NOT the eager tokens (first difference at token {k} of {len(want)})"
 
 
 def bench_sample(device, dtype, quick=False, big=None):
     """sample.py: decode tokens/s at batch 1 and 16 (prefill excluded: one prefill, then timed
-    one-token steps with the KV cache, the routing computed once), and, on the CPU, evaluation
-    problems/s on the shapes test split (early stop, as `python sample.py --dataset shapes`)."""
+    one-token steps with the KV cache, the routing computed once), eager and --compile, and, on
+    the CPU, evaluation problems/s on the shapes test split (early stop, as `python sample.py
+    --dataset shapes`)."""
     import sample
 
-    def decode_rate(model, tok, B, ctx, new):
-        g = torch.Generator().manual_seed(0)
-        prompts = [[1] + torch.randint(3, model.llama.args.vocab_size, (ctx - 1,), generator=g).tolist()] * B
-        ind = torch.zeros(B, dtype=torch.long, device=device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            x, pad, ind = sample.prefill_embeddings(model, prompts, None, ind)
-            routes = model.routes(ind, B, device, x.dtype)
+    if (device.type != "cpu") if big is None else big:  # LaVIN-7B on a GPU
+        # The static step attends to all max_seq_len slots: 640 hold the prompt's 517 and 65 new tokens.
+        args = dataclasses.replace(LLAMA_PRESETS["7B"], max_seq_len=640)
+        return bench_sample_llama(device, dtype, args, VIT_L14, quick)
+    from data import build_dataset
 
-            def run(n):
-                cache = KVCache(model.llama.args, B, x.shape[1] + n, pad=pad, device=device,
-                                dtype=sample.cache_dtype(x))
-                out, _, _ = sample.decode(model, NoEos(tok), cache, routes, x, 1)  # the prefill alone
-                last = model.llama.tok_embeddings(torch.tensor([o[-1:] for o in out], device=device))  # (B, 1, dim)
-                t0 = time.perf_counter()
-                _, _, steps = sample.decode(model, NoEos(tok), cache, routes, last, n)  # n one-token steps
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return B * steps / (time.perf_counter() - t0)
-
-            run(4)  # warm-up
-            return run(new)
-
-    lines = []
-    if not (device.type != "cpu" if big is None else big):  # the shapes model; LaVIN-7B on a GPU
-        from data import build_dataset
-
-        root, model, tok = shapes_model()
-        model.eval()
-        lines.append(f"sample.py on the shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu")
-        for B in (1, 16):
-            lines.append(f"  decode, batch {B}, 100-token context: {decode_rate(model, tok, B, 100, 64):,.0f} tokens/s")
-        ds = build_dataset("shapes", str(root), "test", tok, prompt_format="QCM-A", resolution=model.visual.resolution)
-        stats = {}
-        t0 = time.perf_counter()
-        sample.evaluate(model, tok, ds, batch_size=64, progress=False, stats=stats)
-        s = time.perf_counter() - t0
-        lines.append(f"  evaluation of the {len(ds)} test problems, batch 64, early stop: {len(ds) / s:,.1f} problems/s "
-                     f"({stats['row_steps'] / len(ds):.1f} decode steps per problem; the reference decodes 64)")
-        return lines
-    model = random_lavin(device, dtype, LLAMA_PRESETS["7B"], VIT_L14).eval()
-    lines.append(f"sample.py, LaVIN-7B with random weights, {device.type} {dtype}, eager")
+    root, model, tok = shapes_model()
+    model.eval()
+    lines = [f"sample.py on the shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu"]
     for B in (1, 16):
-        lines.append(f"  decode, batch {B}, 512-token context: {decode_rate(model, None, B, 512, 64):,.1f} tokens/s")
+        rate, want = decode_rate(model, B, 100, 64, device, dtype)
+        lines.append(f"  decode, batch {B}, 100-token context: {rate:,.0f} tokens/s")
+        if B == 1:
+            t0 = time.perf_counter()
+            compiled, got = decode_rate(model, B, 100, 64, device, dtype, sample.StaticDecoder(model.llama))
+            lines.append(f"  decode, batch 1, 100-token context, --compile: {compiled:,.0f} tokens/s ({compiled / rate:.1f}x "
+                         f"eager; {time.perf_counter() - t0:.0f} s to compile and run), {same_tokens(got, want)}")
+    ds = build_dataset("shapes", str(root), "test", tok, prompt_format="QCM-A", resolution=model.visual.resolution)
+    stats = {}
+    t0 = time.perf_counter()
+    sample.evaluate(model, tok, ds, batch_size=64, progress=False, stats=stats)
+    s = time.perf_counter() - t0
+    lines.append(f"  evaluation of the {len(ds)} test problems, batch 64, early stop: {len(ds) / s:,.1f} problems/s "
+                 f"({stats['row_steps'] / len(ds):.1f} decode steps per problem; the reference decodes 64)")
+    return lines
+
+
+def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
+    """LaVIN with random weights of the given sizes: decode at a 512-token context, eager at batch
+    1 and 16, then the compiled static step (a CUDA graph on a GPU), which must give the eager tokens."""
+    import sample
+
+    model = random_lavin(device, dtype, args, vit).eval()
+    title = f"sample.py, LaVIN with random weights (LLaMA dim {args.dim} x {args.n_layers} layers), {device.type} {dtype}"
+    lines, eager = [title], {}
+    for B in (1,) if quick else (1, 16):
+        eager[B] = decode_rate(model, B, 512, 64, device, dtype)  # (tokens/s, tokens)
+        lines.append(f"  decode, batch {B}, 512-token context, eager: {eager[B][0]:,.1f} tokens/s")
+    decoder = sample.StaticDecoder(model.llama)  # one for both batch sizes, as in an evaluation
+    for B, (eager_rate, want) in eager.items():
+        t0 = time.perf_counter()
+        rate, got = decode_rate(model, B, 512, 64, device, dtype, decoder)
+        lines.append(f"  decode, batch {B}, 512-token context, --compile: {rate:,.1f} tokens/s ({rate / eager_rate:.1f}x "
+                     f"eager; {time.perf_counter() - t0:.0f} s to compile and run), {same_tokens(got, want)}")
     return lines
 
 
