@@ -61,9 +61,23 @@ class RepAdapter(nn.Module):
         nn.init.zeros_(self.conv_B.weight)
         nn.init.zeros_(self.conv_B.bias)
 
-    def forward(self, x):
+    def forward(self, x, weights=None):
+        """x (B, L, dim); weights: unused, one path serves every modality (the ablation of LaVIN
+        without a router, train.py --no_router)."""
         xa = x.to(self.conv_A.weight.dtype)  # fp32 adapters on a half-precision backbone
         return (xa + self.scale * self.conv_B(self.dropout(self.conv_A(xa)))).to(x.dtype)
+
+    def up(self, weights=None):
+        """The up-projection as a dense (dim, hidden) matrix and its bias, in float64."""
+        return self.conv_B.dense().double(), self.conv_B.bias.double()
+
+    @torch.no_grad()
+    def affine(self, weights=None):
+        """(M, c) with adapter(x) = x @ M.T + c (eval mode, routing weights fixed), in float64."""
+        A, a = self.conv_A.weight.double(), self.conv_A.bias.double()
+        up, up_bias = self.up(weights)  # (dim, hidden), (dim,)
+        M = torch.eye(A.shape[1], dtype=torch.float64, device=A.device) + self.scale * up @ A
+        return M, self.scale * (up @ a + up_bias)
 
 
 class MMAdapter(RepAdapter):
@@ -88,19 +102,15 @@ class MMAdapter(RepAdapter):
         out = xa + self.scale * (self.conv_B(h) * w[..., :1] + self.conv_D(h) * w[..., 1:])
         return out.to(x.dtype)
 
-    @torch.no_grad()
-    def affine(self, weights: torch.Tensor):
-        """(M, c) with adapter(x) = x @ M.T + c for routing weights (2,), in float64."""
+    def up(self, weights):
+        """Both up-projections mixed by routing weights (2,): (dim, hidden) and (dim,), float64."""
         w0, w1 = weights.double().flatten().tolist()
-        A, a = self.conv_A.weight.double(), self.conv_A.bias.double()
-        up = w0 * self.conv_B.dense().double() + w1 * self.conv_D.dense().double()  # (dim, hidden)
-        up_bias = w0 * self.conv_B.bias.double() + w1 * self.conv_D.bias.double()
-        M = torch.eye(A.shape[1], dtype=torch.float64, device=A.device) + self.scale * up @ A
-        return M, self.scale * (up @ a + up_bias)
+        return (w0 * self.conv_B.dense().double() + w1 * self.conv_D.dense().double(),
+                w0 * self.conv_B.bias.double() + w1 * self.conv_D.bias.double())
 
 
 @torch.no_grad()
-def fold_adapter(adapter: MMAdapter, weights: torch.Tensor, weight: torch.Tensor, bias=None):
+def fold_adapter(adapter: RepAdapter, weights, weight: torch.Tensor, bias=None):
     """Fold an adapter with fixed routing weights into a linear layer y = x @ W.T + b reading its
     output: y = adapter(x) @ W.T + b = x @ (W M).T + (W c + b). Returns the new (W, b)."""
     M, c = adapter.affine(weights)

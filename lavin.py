@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapter import MMAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
+from adapter import MMAdapter, RepAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
 from clip import VisionTransformer, load_clip
 from model import Llama, ModelArgs, load_llama
 from router import modality_embedding
@@ -43,6 +43,9 @@ class LaVINArgs:
     adapter_mlp: bool = False  # the paper's "block" variant: a second adapter before the FFN
     hidden_proj: int = 128  # the visual neck's hidden width
     every: int = 4  # take CLIP's [CLS] after every 4th block: 6 visual tokens from ViT-L/14
+    # ablations (train.py --no_visual / --no_router): what MMT's parts are worth
+    visual: bool = True  # False: no visual tokens, no CLIP adapters, no neck; images unseen
+    router: bool = True  # False: one adapter path (a RepAdapter) for both modalities, no router
 
 
 class AdapterMLP(nn.Module):
@@ -72,6 +75,9 @@ class LaVIN(nn.Module):
         device = llama.tok_embeddings.weight.device
 
         def mm_adapter(d):
+            if not args.router:
+                return RepAdapter(d, args.adapter_dim, args.adapter_groups, args.adapter_scale,
+                                  args.adapter_dropout).to(device)
             return MMAdapter(d, args.adapter_dim, args.adapter_groups, args.adapter_scale,
                              args.adapter_dropout, args.temperature).to(device)
 
@@ -79,10 +85,10 @@ class LaVIN(nn.Module):
             block.adapter_attn = mm_adapter(dim)
             if args.adapter_mlp:
                 block.adapter_mlp = mm_adapter(dim)
-        for block in visual.transformer.resblocks:
+        for block in visual.transformer.resblocks if args.visual else ():
             block.adapter_attn = mm_adapter(width)
-        self.adapter_proj = AdapterMLP(width, args.hidden_proj, dim).to(device)
-        self.adapter_modality_embedding = modality_embedding(dim).to(device)
+        self.adapter_proj = AdapterMLP(width, args.hidden_proj, dim).to(device) if args.visual else None
+        self.adapter_modality_embedding = modality_embedding(dim).to(device) if args.router else None
         self.register_buffer("prefix_img", torch.tensor(prefix_img, device=device), persistent=False)
         self.register_buffer("prefix_text", torch.tensor(prefix_text, device=device), persistent=False)
         self.n_visual = visual.layers // args.every
@@ -100,6 +106,8 @@ class LaVIN(nn.Module):
         inserted positions get IGNORE_INDEX. E is the longer insertion; samples with a shorter one
         end in E' padding positions that carry no loss (the causal mask keeps them harmless)."""
         B, T = tokens.shape
+        if not self.args.visual:  # the ablation: every sample reads "Image: N/A"
+            images = img_indicator = None
         emb = self.llama.tok_embeddings
         dim, dtype = emb.weight.shape[1], emb.weight.dtype
         has_img = torch.zeros(B, dtype=torch.bool, device=tokens.device) if img_indicator is None \
@@ -134,6 +142,8 @@ class LaVIN(nn.Module):
         once fold() has baked one modality's routing into the weights."""
         if self.folded is not None:
             return None
+        if not self.args.router:  # one adapter path for every sample: nothing to route
+            return [(None, None)] * len(self.llama.layers)
         ind = torch.zeros(batch, dtype=torch.long, device=device) if img_indicator is None else img_indicator.long()
         m = self.adapter_modality_embedding(ind)[:, None].to(dtype)  # (B, 1, dim)
         return self.llama.route(m)
@@ -163,8 +173,8 @@ class LaVIN(nn.Module):
         fixed affine map. Inference then costs what plain LLaMA costs. CLIP's adapters route every
         token on its own hidden state, so they stay as they are."""
         self.eval()  # folding is for inference: no dropout may leak into the routing baked in
-        m = self.adapter_modality_embedding.weight[modality][None, None]  # (1, 1, dim)
-        for block, (w_attn, w_mlp) in zip(self.llama.layers, self.llama.route(m)):
+        ind = torch.tensor([modality], device=self.llama.tok_embeddings.weight.device)
+        for block, (w_attn, w_mlp) in zip(self.llama.layers, self.routes(ind, 1, ind.device, torch.float32)):
             for adapter, w, readers in ((block.adapter_attn, w_attn, (block.attention, "wq", "wk", "wv")),
                                         (block.adapter_mlp, w_mlp, (block.feed_forward, "w1", "w3"))):
                 if adapter is None:
@@ -288,9 +298,10 @@ def summary(model: LaVIN) -> str:
     parts = {
         "  LLaMA adapters + routers": sum(count(b.adapter_attn) + (count(b.adapter_mlp) if b.adapter_mlp else 0)
                                           for b in model.llama.layers),
-        "  CLIP adapters + routers": sum(count(b.adapter_attn) for b in model.visual.transformer.resblocks),
-        "  visual neck (adapter_proj)": count(model.adapter_proj),
-        "  modality embedding": count(model.adapter_modality_embedding),
+        "  CLIP adapters + routers": sum(count(b.adapter_attn) for b in model.visual.transformer.resblocks
+                                         if b.adapter_attn is not None),
+        "  visual neck (adapter_proj)": count(model.adapter_proj) if model.args.visual else 0,
+        "  modality embedding": count(model.adapter_modality_embedding) if model.args.router else 0,
     }
     rows += list(parts.items())
     return "\n".join(f"{k:<32}{v:>16,}" for k, v in rows)

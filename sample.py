@@ -146,11 +146,12 @@ class StaticDecoder:
         self.llama, self.caches, self.step = llama, {}, llama.decode_step
         if compile:
             cuda = llama.tok_embeddings.weight.device.type == "cuda"
-            options = {
-                "triton.cudagraphs": cuda,  # what mode="reduce-overhead" sets (mode excludes options)
+            import torch._inductor.config as inductor
+
+            options = {"triton.cudagraphs": cuda}  # what mode="reduce-overhead" sets (mode excludes options)
+            if hasattr(inductor, "emulate_precision_casts"):  # not in every torch the requirements allow
                 # Fused kernels round to bf16/fp16 where eager does: else the tokens drift from eager's.
-                "emulate_precision_casts": True,
-            }
+                options["emulate_precision_casts"] = True
             # dynamic=False: one graph per batch size (an evaluation has two, its batch and its last)
             self.step = torch.compile(llama.decode_step, options=options, fullgraph=True, dynamic=False)
 

@@ -90,6 +90,47 @@ def format_table(result: dict, split: str = "") -> str:
             f"{head}\n{row}")
 
 
+def draw_samples(root, split: str, preds: dict, path, n: int = 12, columns: int = 4, cell: int = 160):
+    """A picture of a run (Pillow only): n image problems of the split spread over it, each with
+    its question, the model's choice and a mark, green when right and red when wrong. Returns
+    the problems drawn (pid, right) in order."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    problems, splits = read_release(root)
+    pids = [pid for pid in split_pids(splits, split, root, problems) if problems[pid]["image"]]
+    pids = pids[::max(1, len(pids) // n)][:n]  # every k-th: all the families, not one
+    rows = -(-len(pids) // columns)
+    side, text_h = cell - 16, 64
+    sheet = Image.new("RGB", (columns * cell, max(rows, 1) * (side + text_h + 8)), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    drawn = []
+    for i, pid in enumerate(pids):
+        p, guess = problems[pid], preds.get(pid, -1)
+        x, y = (i % columns) * cell + 8, (i // columns) * (side + text_h + 8) + 4
+        with Image.open(os.path.join(root, "images", split, pid, p["image"])) as im:
+            sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (x, y))
+        right = guess == p["answer"]
+        said = p["choices"][guess] if 0 <= guess < len(p["choices"]) else "(no answer)"
+        lines = wrap(p["question"], 24) + [f"model: {said}", "right" if right else f"wrong, it is {p['choices'][p['answer']]}"]
+        for k, line in enumerate(lines[-4:]):
+            color = (0, 0, 0) if k < len(lines[-4:]) - 2 else (0, 140, 0) if right else (200, 0, 0)
+            draw.text((x, y + side + 2 + 15 * k), line, fill=color, font=font)
+        drawn.append((pid, right))
+    sheet.save(path)
+    return drawn
+
+
+def wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_ROOT, help="ScienceQA release folder (problems.json, pid_splits.json)")

@@ -404,3 +404,43 @@ def test_official_checkpoint_with_another_router_temperature_is_refused(tmp_path
     torch.save(official_checkpoint(model, args=ns), tmp_path / "c.pth")
     with pytest.raises(ValueError, match="temperature=5.0.*temperature=10.0"):
         load_adapters(model, tmp_path / "c.pth")
+
+
+# ------------------------------------------------------------------------------- the ablations
+
+def test_no_router_is_one_adapter_path_for_both_modalities():
+    """router=False equals LaVIN whose two up-projections are equal (any routing then mixes the
+    same path), and has no conv_D, no routers and no modality embedding to train."""
+    plain = tiny_lavin(router=False, adapter_mlp=True)
+    both = tiny_lavin(adapter_mlp=True)
+    with torch.no_grad():
+        for name, p in both.named_parameters():
+            if "adapter" not in name:
+                continue
+            twin = name.replace(".conv_D.", ".conv_B.")
+            if ".expert_weights." in name or "modality_embedding" in name:
+                p.normal_(0, 1.0)  # any router: its weights sum to one
+            else:
+                p.copy_(dict(plain.named_parameters())[twin])
+    names = [n for n, p in plain.named_parameters() if p.requires_grad]
+    assert not [n for n in names if "conv_D" in n or "expert_weights" in n or "modality" in n]
+    tokens, images, ind, labels = batch()
+    assert torch.allclose(plain(tokens, images, ind), both(tokens, images, ind), atol=1e-5)
+    assert torch.allclose(plain(tokens, images, ind, labels), both(tokens, images, ind, labels), atol=1e-6)
+    folded, ones = copy.deepcopy(plain).fold(IMAGE), torch.ones_like(ind)  # and it folds too
+    assert torch.allclose(folded(tokens, images, ones), plain(tokens, images, ones), atol=1e-4)
+
+
+def test_no_visual_never_looks_at_the_picture_but_still_routes():
+    model = tiny_lavin(visual=False)
+    assert model.adapter_proj is None
+    assert all(b.adapter_attn is None for b in model.visual.transformer.resblocks)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
+    tokens, images, ind, _ = batch()
+    out = model(tokens, images, ind)
+    assert torch.equal(out, model(tokens, torch.randn_like(images), ind))
+    assert torch.equal(out, model(tokens, None, ind))  # no pixels needed
+    h, _ = model.embed(tokens, images, ind)  # every sample reads "Image: N/A"
+    text, _ = model.embed(tokens)
+    assert torch.equal(h, text)
+    assert not torch.allclose(out[0], model(tokens, images, torch.zeros_like(ind))[0])  # the router still switches
