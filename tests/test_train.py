@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train") / "shapes"
-    return shapes.ensure(root, n_problems=60, seed=0, lm_steps=3, clip_steps=2, quiet=True)
+    return shapes.ensure(root, n_problems=60, seed=0, quiet=True)
 
 
 def config(tiny_set, out, **kw) -> TrainConfig:
@@ -88,12 +88,24 @@ def test_weight_decay_spares_biases_and_1d_parameters(tiny_set, tmp_path):
     assert len(decay) + len(no_decay) == sum(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("preset,count", [("lavin-7b", "3,781,296"), ("lavin-13b", "5,390,080")])
+# LLaMA-7B (32 blocks of 4096) and ViT-L (24 of 1024), adapters of width 8 in 2 groups: per block
+# down d*8+8, each up d*8/2+d, router 2d+2; the neck 1024*128+128 + 128*4096+4096; modality 2*4096.
+@pytest.mark.parametrize("preset,count", [
+    ("lavin-7b", "3,781,296"), ("lavin-13b", "5,390,080"),
+    ("lavin-7b --no_visual", f"{32 * (32776 + 2 * 20480 + 8194) + 8192:,}"),  # LLaMA's adapters alone
+    ("lavin-7b --no_router", f"{32 * (32776 + 20480) + 24 * (8200 + 5120) + 659584:,}")])  # one up-projection
 def test_dry_run_prints_the_papers_parameter_counts_without_files(preset, count, tmp_path):
-    r = run_cli("--preset", preset, "--dry_run", "--llama_path", str(tmp_path / "none"))
+    r = run_cli("--preset", *preset.split(), "--dry_run", "--llama_path", str(tmp_path / "none"))
     assert r.returncode == 0, r.stderr
     trainable = [line for line in r.stdout.splitlines() if line.startswith("trainable")]
     assert trainable and trainable[0].split()[-1] == count
+
+
+def test_an_ablation_never_writes_over_the_full_run():
+    outs = {flags: train.resolve(train.make_config(["--dataset", "shapes", *flags])[0]).output_dir
+            for flags in [(), ("--no_visual",), ("--no_router",), ("--no_visual", "--no_router")]}
+    assert list(outs.values()) == ["out/shapes", "out/shapes-no_visual", "out/shapes-no_router",
+                                   "out/shapes-no_visual-no_router"]
 
 
 # ----------------------------------------------------------------------------- the loop
