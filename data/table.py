@@ -97,12 +97,20 @@ def draw_samples(root, split: str, preds: dict, path, n: int = 12, columns: int 
     from PIL import Image, ImageDraw, ImageFont
 
     problems, splits = read_release(root)
-    pids = [pid for pid in split_pids(splits, split, root, problems) if problems[pid]["image"]]
-    pids = pids[::max(1, len(pids) // n)][:n]  # every k-th: all the families, not one
+    kinds = {}  # image problems by the start of their question, so the picture shows every kind
+    for pid in split_pids(splits, split, root, problems):
+        if problems[pid]["image"]:
+            kinds.setdefault(" ".join(problems[pid]["question"].split()[:2]), []).append(pid)
+    queues = list(kinds.values())
+    pids = [q[i] for i in range(n) for q in queues if i < len(q)][:n]  # one of each kind in turn
     rows = -(-len(pids) // columns)
     side, text_h = cell - 16, 64
     sheet = Image.new("RGB", (columns * cell, max(rows, 1) * (side + text_h + 8)), "white")
-    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    draw = ImageDraw.Draw(sheet)
+    try:  # a scalable font where Pillow has FreeType (10.1+), else its bitmap one
+        font = ImageFont.load_default(size=12)
+    except (TypeError, ImportError):
+        font = ImageFont.load_default()
     drawn = []
     for i, pid in enumerate(pids):
         p, guess = problems[pid], preds.get(pid, -1)

@@ -296,3 +296,17 @@ def test_missing_backbones_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m data.backbones"):
         shapes.generate(tmp_path / "set", N, backbones=tmp_path / "none", quiet=True)
     assert not (tmp_path / "set").exists()
+
+
+def test_samples_picture_shows_every_kind_of_image_question(tmp_path):
+    from data.table import draw_samples
+
+    problems = shapes.write_problems(tmp_path, 300, seed=0)
+    test = [pid for pid in read(tmp_path, "pid_splits.json")["test"] if problems[pid]["image"]]
+    preds = {pid: problems[pid]["answer"] if i % 2 else -1 for i, pid in enumerate(test)}
+    drawn = draw_samples(tmp_path, "test", preds, tmp_path / "samples.png", n=6, columns=3)
+    assert len(drawn) == min(6, len(test)) and {pid for pid, _ in drawn} <= set(test)
+    assert all(right == (preds[pid] == problems[pid]["answer"]) for pid, right in drawn)
+    kinds = {" ".join(problems[pid]["question"].split()[:2]) for pid in test}
+    assert {" ".join(problems[pid]["question"].split()[:2]) for pid, _ in drawn} == kinds
+    assert Image.open(tmp_path / "samples.png").size[0] == 3 * 160
