@@ -16,7 +16,7 @@ the visual tokens, the neck and the adapters can close that gap. backbones.json 
 each backbone learnt. Seeded, on one thread: the same seed gives the same bytes on one kind of
 CPU (float sums may differ across instruction sets).
 
-    python -m data.backbones [--out data/shapes_backbones] [--seed 0]     ~12 min on 2 cores
+    python -m data.backbones --out DIR [--seed 0]     about 10 minutes (one thread)
 """
 from __future__ import annotations
 
@@ -290,6 +290,8 @@ def main(argv=None):
     ap.add_argument("--lm-steps", type=int, default=LM_STEPS, help="tiny LLaMA AdamW steps")
     ap.add_argument("--clip-steps", type=int, default=CLIP_STEPS, help="tiny CLIP AdamW steps")
     args = ap.parse_args(argv)
+    if Path(args.out).exists():
+        raise SystemExit(f"error: {args.out} exists: remove it first, or give another --out")
     t0 = time.time()
     build(Path(args.out), args.seed, args.lm_steps, args.clip_steps)
     print(f"backbones: done in {time.time() - t0:.0f}s -> {args.out}")
