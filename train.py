@@ -313,7 +313,7 @@ def show_samples(cfg: TrainConfig, out: Path) -> None:
         return
     pid = drawn[0][0]
     problem = json.loads((Path(root) / "problems.json").read_text())[pid]
-    prompt = build_prompt(problem, "QCM-A")[0].replace("\n", "\\n")
+    prompt = build_prompt(problem, cfg.prompt_format)[0].replace("\n", "\\n")  # as typed in a shell
     print(f"wrote {out / 'samples.png'} ({sum(r for _, r in drawn)} of {len(drawn)} right). Ask it yourself:\n"
           f'  python sample.py --run {out} --image {Path(root) / "images" / cfg.eval_split / pid / problem["image"]} '
           f'--prompt "{prompt}"')

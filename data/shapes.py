@@ -82,7 +82,7 @@ def render(scene: list) -> Image.Image:
 
 
 def single_scene(rng: random.Random) -> list:
-    # Near the centre: a tiny ViT trained for a minute cannot yet tell shapes anywhere in the frame.
+    # Near the centre and large: the colour and shape questions are about what, not where.
     x, y = SIZE // 2 + rng.randint(-3, 3), SIZE // 2 + rng.randint(-3, 3)
     return [(rng.choice(SHAPES), rng.choice(list(COLORS)), x, y, rng.randint(12, 20))]
 
