@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,10 @@ def test_two_processes_equal_one_loss_for_loss(tiny_set, tmp_path):
     args = ["--data_path", str(tiny_set), "--epochs", "2", "--effective_batch", "8", "--adapter_dropout", "0",
             "--skip_eval"]
     r = run_cli(*args, "--batch_size", "2", "--output_dir", str(tmp_path / "two"), nproc=2)
+    if r.returncode != 0:  # torchrun's launch itself failed once in ~10 suite runs: try once more,
+        warnings.warn(f"torchrun failed, retrying once:\n{r.stderr[-3000:]}")  # and show why
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        r = run_cli(*args, "--batch_size", "2", "--output_dir", str(tmp_path / "two"), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     train.main(config(tiny_set, tmp_path / "one", adapter_dropout=0.0))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
