@@ -100,6 +100,12 @@ class LaVIN(nn.Module):
         """Positions `embed` adds to every sequence: what a data pipeline reserves of max_seq_len."""
         return max(len(self.prefix_img) + self.n_visual, len(self.prefix_text))
 
+    def inserted(self, img_indicator: torch.Tensor) -> torch.Tensor:
+        """Tokens `embed` inserts after BOS in each sample (B,): "Image: " and the visual tokens
+        where img_indicator (B,) marks an image, else "Image: N/A" (always, without the visual path)."""
+        has_img = img_indicator.bool() & self.args.visual
+        return torch.where(has_img, len(self.prefix_img) + self.n_visual, len(self.prefix_text))
+
     def embed(self, tokens, images=None, img_indicator=None, labels=None):
         """Token ids (B, T) -> embeddings (B, T + E, dim) with "Image: " and the visual tokens, or
         "Image: N/A", inserted after BOS; labels (B, T) are moved along with their tokens and the
@@ -124,7 +130,7 @@ class LaVIN(nn.Module):
             raise ValueError("img_indicator marks samples with an image, but no images were given")
         else:
             extras = x_txt  # every sample is text-only
-        n_ins = torch.where(has_img, n_img, n_txt)[:, None]  # (B, 1) tokens inserted per sample
+        n_ins = self.inserted(has_img)[:, None]  # (B, 1) tokens inserted per sample
         j = torch.arange(T + E, device=tokens.device)[None]  # (1, T + E) new positions
         inserted = (j >= 1) & (j < 1 + n_ins)  # (B, T + E)
         src = torch.where(j == 0, 0, j - n_ins).clamp(0, T - 1)  # (B, T + E) where text comes from

@@ -118,8 +118,7 @@ def prefill_embeddings(model: LaVIN, prompts, images=None, img_indicator=None):
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p, device=device)
     h, _ = model.embed(tokens, None if images is None else images.to(device), ind)  # (B, T + E, dim)
-    n_ins = torch.where(ind.bool(), len(model.prefix_img) + model.n_visual, len(model.prefix_text))
-    lengths = torch.tensor([len(p) for p in prompts], device=device) + n_ins  # (B,) real positions
+    lengths = torch.tensor([len(p) for p in prompts], device=device) + model.inserted(ind)  # (B,) real positions
     L = int(lengths.max())
     pad = L - lengths
     j = torch.arange(L, device=device)[None]  # (1, L)
@@ -293,8 +292,8 @@ def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_
     model.eval()
     samples = dataset.samples
     prompts = [tokenizer.encode(s.turns[0][0], bos=True, eos=False) for s in samples]
-    n_img, n_txt = len(model.prefix_img) + model.n_visual, len(model.prefix_text)
-    size = [len(p) + (n_img if s.image else n_txt) for p, s in zip(prompts, samples)]
+    inserted = model.inserted(torch.tensor([s.image is not None for s in samples])).tolist()
+    size = [len(p) + n for p, n in zip(prompts, inserted)]  # positions each prompt takes
     # Longest first (an out-of-memory shows at once); striding keeps the ranks' lengths alike.
     order = sorted(range(len(samples)), key=lambda i: -size[i])[rank::world_size]
     R = model.visual.resolution

@@ -33,11 +33,11 @@ from tests.checkpoints import random_state, write_meta
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def finish(model, tok, seed=0, clip_layers=8):
+def finish(model, tok, seed=0, clip_layers=8, **lavin_args):
     """LaVIN around a LLaMA, with a tiny random CLIP and adapters that do something."""
     torch.manual_seed(seed)
     visual = VisionTransformer(resolution=32, patch_size=8, width=64, layers=clip_layers, output_dim=16)
-    model = LaVIN(LaVINArgs(), model, visual, tok.encode("Image: ", bos=False, eos=False),
+    model = LaVIN(LaVINArgs(**lavin_args), model, visual, tok.encode("Image: ", bos=False, eos=False),
                   tok.encode("Image: N/A", bos=False, eos=False))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # zero-initialised up-projections and lukewarm routers would hide the routing
@@ -47,13 +47,13 @@ def finish(model, tok, seed=0, clip_layers=8):
     return model.eval()
 
 
-def random_lavin(tok, seed=0, max_seq_len=256, n_layers=2, clip_layers=12):
+def random_lavin(tok, seed=0, max_seq_len=256, n_layers=2, clip_layers=12, **lavin_args):
     args = ModelArgs(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=32,
                      max_seq_len=max_seq_len)
     llama = Llama(args)
     llama.load_state_dict(random_state(args, seed))
     # 3 visual tokens: "Image: " + 3 is one longer than "Image: N/A", so text rows end in padding
-    return finish(llama, tok, seed, clip_layers)
+    return finish(llama, tok, seed, clip_layers, **lavin_args)
 
 
 def scripted_lavin(tok, content, big=60.0, g=30.0, seed=3):
@@ -140,13 +140,14 @@ def eos_is(tok, eos):
 
 # ----------------------------------------------------------------------------- generate
 
-def test_cached_greedy_equals_uncached_recomputation(world):
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
+@pytest.mark.parametrize("visual", [True, False])  # False: the ablation inserts "Image: N/A" in every row
+def test_cached_greedy_equals_uncached_recomputation(world, visual):
+    model, tok = random_lavin(world.tok, visual=visual), eos_is(world.tok, -1)
     prompts, images, ind = rows(world.tok)
     out = generate(model, tok, prompts, images, ind, max_new_tokens=6)
     for b, p in enumerate(prompts):  # the whole sequence through LaVIN.forward, each step from scratch
         seq = list(p)  # a row with the shorter insertion ends in padding positions: skip them
-        n_ins = len(model.prefix_img) + model.n_visual if ind[b] else len(model.prefix_text)
+        n_ins = len(model.prefix_img) + model.n_visual if ind[b] and visual else len(model.prefix_text)
         for _ in range(6):
             logits = model(torch.tensor([seq]), images[b:b + 1], ind[b:b + 1])
             seq.append(int(logits[0, len(seq) + n_ins - 1].argmax()))
