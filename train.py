@@ -306,7 +306,7 @@ def show_samples(cfg: TrainConfig, out: Path) -> None:
     from data.scienceqa import build_prompt
     from data.table import draw_samples
 
-    root = cfg.data_path or data.DEFAULT_ROOTS[cfg.dataset]
+    root = cfg.data_path  # resolve() filled it in
     preds = json.loads((out / "preds.json").read_text())
     drawn = draw_samples(root, cfg.eval_split, preds, out / "samples.png")
     if not drawn:
@@ -372,9 +372,8 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> f
             loss = part * scale
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += part.detach().float()
-    loss_value = (all_sum(loss_sum) / n_tokens.clamp(min=1)).item()
-    if not n_tokens.item():
-        loss_value = float("nan")  # nothing to learn from (every answer truncated away)
+    # NaN when there is nothing to learn from (every answer truncated away); one host sync per step
+    loss_value = torch.where(n_tokens > 0, all_sum(loss_sum) / n_tokens.clamp(min=1), float("nan")).item()
     if math.isfinite(loss_value):
         if scaler:
             scaler.step(opt)
