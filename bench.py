@@ -1,7 +1,7 @@
 """Benchmarks (not tests): how fast the parts run on this machine. Figures go in the README.
 
     python bench.py                 # everything, on the GPU if there is one, else the CPU
-    python bench.py --only llama    # llama | clip | train | sample
+    python bench.py --only llama    # llama | clip | train | sample | e2e
     python bench.py --quick         # fewer repetitions
     python bench.py --compare-hf    # also time transformers' LlamaForCausalLM on the same config
 
@@ -14,12 +14,18 @@ LaVIN's mixture-of-modality adapters only; preprocessing of a 640x480 JPEG in bo
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import resource
+import struct
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import sentencepiece
 import torch
 from PIL import Image
 
@@ -29,6 +35,19 @@ from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, load_lavin
 from model import KVCache, Llama, ModelArgs
 
 BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=16000, multiple_of=256, max_seq_len=1024)
+
+
+class Report(list):
+    """The lines of a benchmark, each printed as it is measured: a run cut short keeps what it had."""
+
+    def append(self, line: str):
+        print(line, flush=True)
+        super().append(line)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
 
 
 def timed(fn, device, reps):
@@ -71,7 +90,8 @@ def bench_llama(device, dtype, quick=False, compare_hf=False):
     if dtype != torch.float32:
         model.to(dtype)  # frozen weights in half precision, as train.py keeps them on the GPU
     n_params = sum(p.numel() for p in model.parameters())
-    lines = [f"LLaMA {n_params / 1e6:.0f}M params (dim {args.dim}, {args.n_layers} layers), {device.type}, {dtype}"]
+    lines = Report()
+    lines.append(f"LLaMA {n_params / 1e6:.0f}M params (dim {args.dim}, {args.n_layers} layers), {device.type}, {dtype}")
     batch, seq = (4, 256) if device.type == "cpu" else (16, 512)
     reps = 1 if quick else 3
     s = timed(llama_step(model, batch, seq, device, dtype), device, reps)
@@ -142,7 +162,8 @@ def bench_clip(device, dtype, quick=False):
         model = clip.VisionTransformer(resolution=224, patch_size=14, width=1024, layers=24, output_dim=768)
     model = model.to(dtype).eval().requires_grad_(False)
     images = torch.randn(batch, 3, 224, 224, device=device)
-    lines = [f"CLIP ViT-L/14 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {device.type}, {dtype}"]
+    lines = Report()
+    lines.append(f"CLIP ViT-L/14 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {device.type}, {dtype}")
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
 
     def forward():
@@ -204,7 +225,7 @@ def bench_train(device, dtype, quick=False):
 
     reps = 2 if quick else 5
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    lines = []
+    lines = Report()
 
     def measure(model, batches, label, flops_per_step=None):
         opt = train.make_optimizer(model, train.TrainConfig(), 1e-4, fused=device.type == "cuda")
@@ -235,7 +256,8 @@ def bench_train(device, dtype, quick=False):
         lines.append(measure(model, batches, f"training step, batch {batch} (mean {sum(ds.lengths) / len(ds):.0f} tokens)"))
         return lines
 
-    return lines + bench_train_llama(device, dtype, measure, quick, LLAMA_PRESETS["7B"], VIT_L14)
+    lines.extend(bench_train_llama(device, dtype, measure, quick, LLAMA_PRESETS["7B"], VIT_L14))  # printed
+    return lines
 
 
 def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
@@ -244,8 +266,9 @@ def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
     llama, visual = model.llama, model.visual
     n_llama = sum(p.numel() for n, p in llama.named_parameters() if p.ndim == 2 and "tok_embeddings" not in n)
     n_clip = sum(p.numel() for p in visual.parameters() if p.ndim >= 2)
-    lines = [f"LaVIN, LLaMA dim {args.dim} x {args.n_layers} layers, ViT width {vit['width']} x {vit['layers']}, "
-             f"random weights, {device.type} {dtype}: frozen backbones, fp32 adapters"]
+    lines = Report()
+    lines.append(f"LaVIN, LLaMA dim {args.dim} x {args.n_layers} layers, ViT width {vit['width']} x {vit['layers']}, "
+                 f"random weights, {device.type} {dtype}: frozen backbones, fp32 adapters")
 
     def batches_of(B, T=512):
         g = torch.Generator().manual_seed(B)
@@ -274,6 +297,96 @@ def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
                     break
                 if quick:
                     break
+    return lines
+
+
+def padded_tokenizer(n_pieces: int) -> bytes:
+    """The shapes sentencepiece model grown to n_pieces (LLaMA's 32000), so that every id a random
+    model emits decodes. A model file is a protobuf ModelProto whose field 1 repeats the pieces:
+    appended records (piece string, field 1; score float, field 2) extend that list."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+
+    def field(number: int, payload: bytes) -> bytes:  # a length-delimited field
+        return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+    model = (Path(__file__).parent / "data" / "shapes_backbones" / "tokenizer.model").read_bytes()
+    have = sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+    extra = b"".join(field(1, field(1, f"\u2581pad{i}".encode()) + varint(2 << 3 | 5) + struct.pack("<f", -1e4 - i))
+                     for i in range(n_pieces - have))
+    assert sentencepiece.SentencePieceProcessor(model_proto=model + extra).get_piece_size() == n_pieces
+    return model + extra
+
+
+def write_random_weights(folder: Path, args: ModelArgs, vit: dict, device, seed: int = 0) -> tuple[Path, Path]:
+    """(LLaMA folder, CLIP file) of random weights written as the releases are: Meta's params.json +
+    consolidated.00.pth (fp16, Meta's key names) with a tokenizer.model (the shapes one: its ids
+    are all the text needs), and a CLIP state dict under OpenAI's "visual." names (fp16). Norm
+    weights near 1, the rest N(0, 0.02^2): activations stay finite through every layer."""
+    g = torch.Generator(device).manual_seed(seed)
+
+    def fill(key, shape):
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float16) * 0.02
+        return (t + 1) if len(shape) == 1 and key.endswith("weight") else t  # RMSNorm / LayerNorm gains
+
+    llama_dir = folder / "llama"
+    llama_dir.mkdir(parents=True)
+    with torch.device("meta"):  # shapes and names only
+        llama, visual = Llama(args), clip.VisionTransformer(**vit)
+    torch.save({k: fill(k, v.shape).cpu() for k, v in llama.state_dict().items()}, llama_dir / "consolidated.00.pth")
+    params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads, "n_layers": args.n_layers,
+              "norm_eps": args.norm_eps, "vocab_size": args.vocab_size}
+    (llama_dir / "params.json").write_text(json.dumps(params))
+    (llama_dir / "tokenizer.model").write_bytes(padded_tokenizer(args.vocab_size))
+    clip_path = folder / "ViT-random.pt"
+    torch.save({f"visual.{k}": fill(k, v.shape).cpu() for k, v in visual.state_dict().items()}, clip_path)
+    return llama_dir, clip_path
+
+
+def bench_e2e(device, dtype, quick=False, steps: int = 0):
+    """train.py and sample.py themselves, as a user runs them, on random weights written in the
+    official layouts (LaVIN-7B on a GPU, a small config on the CPU) and the shapes problems read as
+    ScienceQA: load, train `steps` optimizer steps (effective batch 32), write the checkpoint,
+    then evaluate the run on the val split with sample.py --run. Times each, from the log."""
+    from data import shapes
+
+    if device.type == "cuda":
+        args, vit, size, steps = LLAMA_PRESETS["7B"], VIT_L14, "LaVIN-7B", steps or 24
+    else:
+        args, vit, size, steps = ModelArgs(dim=256, n_layers=4, n_heads=4, vocab_size=32000, multiple_of=256,
+                                           norm_eps=1e-6), dict(resolution=224, patch_size=14, width=128, layers=8,
+                                                                output_dim=64), "a small LaVIN", steps or 4
+    lines = Report()
+    root = shapes.ensure("data/shapes")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        t0 = time.perf_counter()
+        llama_dir, clip_path = write_random_weights(Path(d), args, vit, device)
+        gb = sum(f.stat().st_size for f in [*llama_dir.iterdir(), clip_path]) / 2**30
+        lines.append(f"train.py + sample.py on {size} with random weights in Meta's and OpenAI's layouts "
+                     f"({gb:.1f} GiB written in {time.perf_counter() - t0:.0f} s), shapes as ScienceQA, {device.type}")
+        out = Path(d) / "run"
+        cmd = [sys.executable, "train.py", "--dataset", "scienceqa", "--preset", "lavin-7b", "--data_path", str(root),
+               "--llama_path", str(llama_dir), "--clip_path", str(clip_path), "--output_dir", str(out),
+               "--max_steps", str(steps), "--skip_eval", "--device", device.type]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - t0
+        log = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
+        rates = sorted(r["samples_per_s"] for r in log[1:]) or [log[0]["samples_per_s"]]
+        losses = [r["loss"] for r in log]
+        lines.append(f"  train.py, {steps} steps of 32 samples: {wall:.0f} s in all (load, check, train, save); "
+                     f"{rates[len(rates) // 2]:,.1f} samples/s (median of steps 2-{steps}); loss {losses[0]:.3f} -> "
+                     f"{losses[-1]:.3f}, {sum(x is None for x in losses)} skipped")
+        cmd = [sys.executable, "sample.py", "--run", str(out), "--split", "val", "--batch_size", "64",
+               "--device", device.type]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        res = json.loads((out / "eval-val" / "results.json").read_text())
+        lines.append(f"  sample.py --run, val split ({res['n']} problems, batch 64): {time.perf_counter() - t0:.0f} s "
+                     f"in all (load and evaluate); {res['decode_steps_per_problem']} decode steps per problem")
     return lines
 
 
@@ -330,7 +443,8 @@ def bench_sample(device, dtype, quick=False, big=None):
 
     root, model, tok = shapes_model()
     model.eval()
-    lines = [f"sample.py on the shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu"]
+    lines = Report()
+    lines.append(f"sample.py on the shapes model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu")
     for B in (1, 16):
         rate, want = decode_rate(model, B, 100, 64, device, dtype)
         lines.append(f"  decode, batch {B}, 100-token context: {rate:,.0f} tokens/s")
@@ -356,7 +470,8 @@ def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
 
     model = random_lavin(device, dtype, args, vit).eval()
     title = f"sample.py, LaVIN with random weights (LLaMA dim {args.dim} x {args.n_layers} layers), {device.type} {dtype}"
-    lines, eager = [title], {}
+    lines, eager = Report(), {}
+    lines.append(title)
     for B in (1,) if quick else (1, 16):
         eager[B] = decode_rate(model, B, 512, 64, device, dtype)  # (tokens/s, tokens)
         lines.append(f"  decode, batch {B}, 512-token context, eager: {eager[B][0]:,.1f} tokens/s")
@@ -372,7 +487,7 @@ def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", choices=["llama", "clip", "train", "sample"])
+    p.add_argument("--only", choices=["llama", "clip", "train", "sample", "e2e"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--compare-hf", action="store_true")
     a = p.parse_args()
@@ -381,13 +496,15 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
     if a.only in (None, "llama"):
-        print("\n".join(bench_llama(device, dtype, a.quick, a.compare_hf)), flush=True)
+        bench_llama(device, dtype, a.quick, a.compare_hf)
     if a.only in (None, "clip"):
-        print("\n".join(bench_clip(device, dtype, a.quick)), flush=True)
+        bench_clip(device, dtype, a.quick)
     if a.only in (None, "train"):
-        print("\n".join(bench_train(device, dtype, a.quick)), flush=True)
+        bench_train(device, dtype, a.quick)
     if a.only in (None, "sample"):
-        print("\n".join(bench_sample(device, dtype, a.quick)), flush=True)
+        bench_sample(device, dtype, a.quick)
+    if a.only in (None, "e2e"):
+        bench_e2e(device, dtype, a.quick)
 
 
 if __name__ == "__main__":
