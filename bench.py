@@ -10,6 +10,8 @@ weights, gradients flowing to the input embeddings only (as in LaVIN, where only
 and greedy decoding at a 512-token context with and without the KV cache.
 CLIP: ViT-L/14 with random weights, frozen: forward without grad, and forward+backward into
 LaVIN's mixture-of-modality adapters only; preprocessing of a 640x480 JPEG in both modes.
+train, sample: see bench_train and bench_sample. e2e: train.py and sample.py --run themselves, as
+subprocesses, on random weights written in Meta's and OpenAI's layouts (LaVIN-7B on a GPU).
 """
 import argparse
 import dataclasses
