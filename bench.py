@@ -32,7 +32,10 @@ import torch
 from PIL import Image
 
 import clip
+import data
+import generate
 from adapter import MMAdapter
+from evaluate import evaluate
 from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, load_lavin
 from model import KVCache, Llama, ModelArgs
 
@@ -402,21 +405,19 @@ def decode_rate(model: LaVIN, B: int, ctx: int, new: int, device, dtype, decoder
     """(tokens/s of `new` one-token decode steps after a ctx-token prompt, repeated in B rows;
     row 0's tokens). The routing is computed once; the prefill is not timed: the clock runs from
     the first token sampled to the last, each read back to the host (a sync) as it comes.
-    decoder: a sample.StaticDecoder for the steps (--compile); None: the eager forward."""
-    import sample
-
+    decoder: a generate.StaticDecoder for the steps (--compile); None: the eager forward."""
     g = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, model.llama.args.vocab_size, (ctx - 1,), generator=g).tolist()] * B
     ind = torch.zeros(B, dtype=torch.long, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        x, pad, ind = sample.prefill_embeddings(model, prompts, None, ind)
+        x, pad, ind = generate.prefill_embeddings(model, prompts, None, ind)
         routes = model.routes(ind, B, device, x.dtype)
 
         def run(n):
-            cache = KVCache(model.llama.args, B, x.shape[1] + n, pad=pad, device=device, dtype=sample.cache_dtype(x)) \
-                if decoder is None else decoder.cache(B, pad, sample.cache_dtype(x))
+            cache = KVCache(model.llama.args, B, x.shape[1] + n, pad=pad, device=device, dtype=generate.cache_dtype(x)) \
+                if decoder is None else decoder.cache(B, pad, generate.cache_dtype(x))
             times = []
-            out, _, _ = sample.decode(model, NoEos(), cache, routes, x, n + 1, decoder=decoder,
+            out, _, _ = generate.decode(model, NoEos(), cache, routes, x, n + 1, decoder=decoder,
                                       on_token=lambda b, ids: b == 0 and times.append(time.perf_counter()))
             return B * n / (times[-1] - times[0]), out[0]
 
@@ -435,14 +436,10 @@ def bench_sample(device, dtype, quick=False, big=None):
     one-token steps with the KV cache, the routing computed once), eager and --compile, and, on
     the CPU, evaluation problems/s on the shapes test split (early stop, as `python sample.py
     --dataset shapes`)."""
-    import sample
-
     if (device.type != "cpu") if big is None else big:  # LaVIN-7B on a GPU
         # The static step attends to all max_seq_len slots: 640 hold the prompt's 517 and 65 new tokens.
         args = dataclasses.replace(LLAMA_PRESETS["7B"], max_seq_len=640)
         return bench_sample_llama(device, dtype, args, VIT_L14, quick)
-    from data import build_dataset
-
     root, model, tok = shapes_model()
     model.eval()
     lines = Report()
@@ -452,13 +449,14 @@ def bench_sample(device, dtype, quick=False, big=None):
         lines.append(f"  decode, batch {B}, 100-token context: {rate:,.0f} tokens/s")
         if B == 1:
             t0 = time.perf_counter()
-            compiled, got = decode_rate(model, B, 100, 64, device, dtype, sample.StaticDecoder(model.llama))
+            compiled, got = decode_rate(model, B, 100, 64, device, dtype, generate.StaticDecoder(model.llama))
             lines.append(f"  decode, batch 1, 100-token context, --compile: {compiled:,.0f} tokens/s ({compiled / rate:.1f}x "
                          f"eager; {time.perf_counter() - t0:.0f} s to compile and run), {same_tokens(got, want)}")
-    ds = build_dataset("shapes", str(root), "test", tok, prompt_format="QCM-A", resolution=model.visual.resolution)
+    task = data.evaluation("shapes", str(root), "test", tok, prompt_format="QCM-A", resolution=model.visual.resolution)
+    ds = task.dataset
     stats = {}
     t0 = time.perf_counter()
-    sample.evaluate(model, tok, ds, batch_size=64, progress=False, stats=stats)
+    evaluate(model, tok, task, batch_size=64, progress=False, stats=stats)
     s = time.perf_counter() - t0
     lines.append(f"  evaluation of the {len(ds)} test problems, batch 64, early stop: {len(ds) / s:,.1f} problems/s "
                  f"({stats['row_steps'] / len(ds):.1f} decode steps per problem; the reference decodes 64)")
@@ -468,8 +466,6 @@ def bench_sample(device, dtype, quick=False, big=None):
 def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
     """LaVIN with random weights of the given sizes: decode at a 512-token context, eager at batch
     1 and 16, then the compiled static step (a CUDA graph on a GPU), which must give the eager tokens."""
-    import sample
-
     model = random_lavin(device, dtype, args, vit).eval()
     title = f"sample.py, LaVIN with random weights (LLaMA dim {args.dim} x {args.n_layers} layers), {device.type} {dtype}"
     lines, eager = Report(), {}
@@ -477,7 +473,7 @@ def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
     for B in (1,) if quick else (1, 16):
         eager[B] = decode_rate(model, B, 512, 64, device, dtype)  # (tokens/s, tokens)
         lines.append(f"  decode, batch {B}, 512-token context, eager: {eager[B][0]:,.1f} tokens/s")
-    decoder = sample.StaticDecoder(model.llama)  # one for both batch sizes, as in an evaluation
+    decoder = generate.StaticDecoder(model.llama)  # one for both batch sizes, as in an evaluation
     for B, (eager_rate, want) in eager.items():
         t0 = time.perf_counter()
         rate, got = decode_rate(model, B, 512, 64, device, dtype, decoder)

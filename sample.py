@@ -1,4 +1,4 @@
-"""Talking to a trained LaVIN: one image and a prompt, a terminal chat, batched ScienceQA evaluation.
+"""Talking to a trained LaVIN: one image and a prompt, a terminal chat, or a dataset's evaluation.
 
     python sample.py --run out/shapes --image data/shapes/images/test/<pid>/image.png \\
         --prompt "Question: Which color is the shape?\\nContext: N/A\\nOptions: (A) red (B) blue\\nResponse:"
@@ -7,26 +7,14 @@
     torchrun --nproc_per_node 8 sample.py --dataset scienceqa --adapters checkpoint-19.pth \\
         --llama_path weights/7B --clip_path weights/ViT-L-14.pt
 
-Generation (Meta's batched decoding, plus LaVIN's insertion and routing):
-
-    prompt ids ─LaVIN.embed─> [BOS] "Image: " <visual tokens> prompt     (or [BOS] "Image: N/A" prompt)
-      └─ each row cut to its own length, left-padded to the longest ─> one prefill into the KV cache
-         (pad slots masked, positions counted from each row's first real token, + 1 as in training)
-    modality token ─> router weights of every block, computed once, reused by every decode step
-    loop: greedy or temperature + top-p ─> feed the token ─> next logits; a row ends at EOS or
-          when `stop` says so ("The answer is X." decoded, in evaluation); the batch ends with its last row
-          (--compile: each step by StaticDecoder, shapes fixed, compiled; one CUDA graph launch on a GPU)
-
-Evaluation: prompts sorted by length, rank r of W takes every W-th, in batches; the texts are
-gathered on rank 0 -> data/table.py -> preds.json, results.json, outputs.json and the table.
+The generation itself is generate.py's, the evaluation loop evaluate.py's (it writes
+preds.json, results.json and outputs.json and prints the table); this file is the command line.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +24,13 @@ import torch.distributed as dist
 
 import data
 from data.instruct import instruction_prompt
-from data.scienceqa import DataError, read_release, split_pids
-from data.table import ANSWER_PATTERN, format_table, score, to_indices
+from data.scienceqa import DataError
+from evaluate import evaluate_split
+from generate import ContextTooLong, Stream, StaticDecoder, cache_dtype, decode, prefill_embeddings
 from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
-from model import KVCache, Llama
+from model import KVCache
 from router import IMAGE, TEXT
+from runtime import UsageError, busy_cores_note, pick_dtype, setup_distributed
 
 
 @dataclass
@@ -77,290 +67,8 @@ class SampleConfig:
     precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
 
 
-EVAL_DATASETS = ("scienceqa", "shapes")
-CHOICES = {"dataset": ("", *EVAL_DATASETS), "template": ("auto", "raw", "instruction"),
+CHOICES = {"dataset": ("", *data.EVAL_DATASETS), "template": ("auto", "raw", "instruction"),
            "image_mode": ("", "lavin", "clip"), "precision": ("auto", "bf16", "fp16", "fp32")}
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
-
-
-class ContextTooLong(ValueError):
-    """A prompt plus the tokens asked for do not fit the model's max_seq_len."""
-
-
-# ----------------------------------------------------------------------------- generation
-
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """Next token per row from logits (B, vocab): argmax, or a draw from the smallest set of tokens
-    whose probability reaches top_p, at the given temperature."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
-    p, idx = probs.sort(-1, descending=True)
-    p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)  # the most likely token always stays
-    return idx.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(-1)
-
-
-def prefill_embeddings(model: LaVIN, prompts, images=None, img_indicator=None):
-    """(x (B, L, dim), pad (B,), indicator (B,)): each row's embedding sequence as training builds
-    it, left-padded with pad[b] zero slots to the longest row L. No indicator means text only."""
-    device = model.llama.tok_embeddings.weight.device
-    B = len(prompts)
-    if B == 0 or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (BOS)")
-    ind = torch.zeros(B, dtype=torch.long, device=device) if img_indicator is None else img_indicator.to(device).long()
-    if model.folded is not None and bool((ind != model.folded).any()):
-        raise ValueError(f"this model's routing is folded for modality {model.folded} only")
-    T = max(map(len, prompts))
-    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(p, device=device)
-    h, _ = model.embed(tokens, None if images is None else images.to(device), ind)  # (B, T + E, dim)
-    lengths = torch.tensor([len(p) for p in prompts], device=device) + model.inserted(ind)  # (B,) real positions
-    L = int(lengths.max())
-    pad = L - lengths
-    j = torch.arange(L, device=device)[None]  # (1, L)
-    src = (j - pad[:, None]).clamp(min=0)  # (B, L): slot j holds position j - pad of the row
-    x = h.gather(1, src[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, dim)
-    return x.masked_fill((j < pad[:, None])[..., None], 0.0), pad, ind
-
-
-def cache_dtype(x: torch.Tensor):
-    """Keys and values come out of the linear layers in autocast's dtype when it is on."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-class StaticDecoder:
-    """One-token decode steps by Llama.decode_step, whose shapes never change, compiled unless
-    compile=False. On CUDA, mode="reduce-overhead" captures the step in a CUDA graph: a step is
-    then one graph launch instead of hundreds of kernel launches, which bound the eager loop at
-    batch 1 (it runs far below the speed of reading the weights). A graph reads its KV cache at
-    the addresses it was captured with, so the decoder keeps one cache of max_seq_len slots per
-    batch size and hands it out again, emptied, to every batch of that size."""
-
-    def __init__(self, llama: Llama, compile: bool = True):
-        self.llama, self.caches, self.step = llama, {}, llama.decode_step
-        if compile:
-            cuda = llama.tok_embeddings.weight.device.type == "cuda"
-            import torch._inductor.config as inductor
-
-            options = {"triton.cudagraphs": cuda}  # what mode="reduce-overhead" sets (mode excludes options)
-            if hasattr(inductor, "emulate_precision_casts"):  # not in every torch the requirements allow
-                # Fused kernels round to bf16/fp16 where eager does: else the tokens drift from eager's.
-                options["emulate_precision_casts"] = True
-            # dynamic=False: one graph per batch size (an evaluation has two, its batch and its last)
-            self.step = torch.compile(llama.decode_step, options=options, fullgraph=True, dynamic=False)
-
-    def cache(self, batch: int, pad, dtype) -> KVCache:
-        """The cache for `batch` rows with left padding pad (B,) (None: none), emptied."""
-        cache = self.caches.get((batch, dtype))
-        if cache is None:
-            cache = KVCache(self.llama.args, batch, device=self.llama.tok_embeddings.weight.device, dtype=dtype)
-            for t in cache.k + cache.v:  # a graph input at a fixed address: written in place, not copied in
-                torch._dynamo.mark_static_address(t)
-            self.caches[batch, dtype] = cache
-        cache.reset(pad)
-        return cache
-
-    def __call__(self, embeds, cache: KVCache, routes, pos_offset: int):
-        """Logits (B, vocab) of embeds (B, 1, dim) fed at the cache's next slot."""
-        slot = torch.tensor([cache.len], device=embeds.device)  # a tensor: one graph serves every slot
-        # The last step's logits are used up: the graph may overwrite its outputs in this step.
-        torch.compiler.cudagraph_mark_step_begin()
-        logits = self.step(embeds, cache, slot, routes, pos_offset)
-        cache.len += 1
-        return logits
-
-
-@torch.inference_mode()
-def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: int, temperature=0.0,
-           top_p=1.0, generator=None, stop=None, on_token=None, decoder: StaticDecoder | None = None):
-    """Feed embeddings x (B, T, dim) into the cache, then sample up to max_new_tokens per row.
-    Returns (new tokens per row without EOS, whether each row ended at EOS, decode steps). The
-    last token sampled is never fed: a caller that goes on (chat) feeds it first. x always runs
-    through the eager forward; the one-token steps through decoder if given (cache must be its)."""
-    if cache.len + x.shape[1] + max_new_tokens - 1 > cache.max_len:
-        raise ContextTooLong(f"{cache.len + x.shape[1]} positions + {max_new_tokens} new tokens do not "
-                             f"fit the context of {cache.max_len}")
-    B, eos = x.shape[0], tokenizer.eos_id
-    out, alive, at_eos = [[] for _ in range(B)], [True] * B, [False] * B
-    # Only the last position's logits are needed: norm and output on it alone (a 500-token batch
-    # of 16 would otherwise make a GiB of fp32 logits for nothing).
-    h = model.llama(embeds=x, cache=cache, routes=routes, pos_offset=1, head=False)[:, -1]  # (B, dim)
-    logits = model.llama.output(model.llama.norm(h))
-    steps = 0
-    while True:
-        nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
-        steps += 1
-        for b, t in enumerate(nxt.tolist()):  # one host sync per step: stop needs the ids anyway
-            if not alive[b]:
-                continue
-            if t == eos:
-                alive[b], at_eos[b] = False, True
-                continue
-            out[b].append(t)
-            if on_token is not None:
-                on_token(b, out[b])
-            if stop is not None and stop(b, out[b]):
-                alive[b] = False
-        if not any(alive) or steps == max_new_tokens:
-            return out, at_eos, steps
-        # Rows that ended keep decoding (their tokens are dropped): the batch keeps one shape.
-        emb = model.llama.tok_embeddings(nxt[:, None])  # (B, 1, dim)
-        if decoder is None:
-            logits = model.llama(embeds=emb, cache=cache, routes=routes, pos_offset=1)[:, -1]
-        else:
-            logits = decoder(emb, cache, routes, pos_offset=1)
-
-
-@torch.inference_mode()
-def generate(model: LaVIN, tokenizer, prompts: list[list[int]], images=None, img_indicator=None,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, generator=None,
-             stop=None, on_token=None, stats: dict | None = None,
-             decoder: StaticDecoder | None = None) -> list[list[int]]:
-    """New tokens for each prompt (token ids starting with BOS), cut before EOS.
-
-    images (B, 3, R, R) and img_indicator (B,) as in training (1 = the row shows its image; None:
-    all text). Greedy when temperature is 0. stop(row, new_ids) -> True ends a row early;
-    on_token(row, new_ids) is called after each token a row gets (streaming). stats, if given,
-    receives "steps": the tokens sampled per row, the batch's last row included. decoder: a
-    StaticDecoder (--compile) for the one-token steps, in its own cache; None: the eager forward.
-    Pass one decoder to every call: a new one would allocate and capture its graph anew.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    x, pad, ind = prefill_embeddings(model, prompts, images, img_indicator)
-    B, L = x.shape[:2]
-    limit = model.llama.args.max_seq_len
-    if L - int(pad.min()) + max_new_tokens > limit:
-        b = int(pad.argmin())
-        raise ContextTooLong(f"prompt {b} takes {L} positions ({len(prompts[b])} tokens + {L - len(prompts[b])} "
-                             f"inserted); with max_new_tokens={max_new_tokens} that exceeds max_seq_len={limit}")
-    routes = model.routes(ind, B, x.device, x.dtype)  # once, for every step
-    if decoder is None:
-        cache = KVCache(model.llama.args, B, L + max_new_tokens, pad=pad, device=x.device, dtype=cache_dtype(x))
-    else:
-        cache = decoder.cache(B, pad, cache_dtype(x))
-    out, _, steps = decode(model, tokenizer, cache, routes, x, max_new_tokens, temperature, top_p,
-                           generator, stop, on_token, decoder)
-    if stats is not None:
-        stats["steps"] = steps
-    return out
-
-
-class Stream:
-    """An on_token callback that prints one row's answer as it grows. The whole answer is decoded
-    each time because sentencepiece decodes a lone piece without its leading space; text ending
-    in U+FFFD is half a UTF-8 character whose other bytes are still to come."""
-
-    def __init__(self, tokenizer, write=None):
-        self.tok, self.shown = tokenizer, ""
-        self.write = write or (lambda s: print(s, end="", flush=True))
-
-    def __call__(self, row, ids, final: bool = False):
-        text = self.tok.decode(ids)
-        if text.startswith(self.shown) and (final or not text.endswith("\ufffd")):
-            self.write(text[len(self.shown):])
-            self.shown = text
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def answer_stop(tokenizer):
-    """stop() for evaluation: the letter is known once "The answer is X." is decoded, and the
-    table reads the first match, so nothing after it can change the prediction."""
-    return lambda row, ids: ANSWER_PATTERN.search(tokenizer.decode(ids)) is not None
-
-
-@torch.inference_mode()
-def evaluate(model: LaVIN, tokenizer, dataset, *, batch_size: int = 16, max_new_tokens: int = 64,
-             early_stop: bool = True, rank: int = 0, world_size: int = 1, device=None,
-             autocast_dtype=None, progress: bool = True, stats: dict | None = None,
-             compile: bool = False) -> dict[str, str]:
-    """{pid: generated text} for this rank's shard of a TokenizedDataset (ScienceQA layout). Each
-    prompt is encoded alone, as the official evaluation does. stats receives "row_steps" (tokens
-    decoded, summed over the rows of every batch: what the compute costs) and "problems".
-    compile: decode with one StaticDecoder for all batches."""
-    from tqdm import tqdm
-
-    model = getattr(model, "module", model)  # a DDP wrapper
-    device = torch.device(device or model.llama.tok_embeddings.weight.device)
-    was_training = model.training
-    model.eval()
-    samples = dataset.samples
-    prompts = [tokenizer.encode(s.turns[0][0], bos=True, eos=False) for s in samples]
-    inserted = model.inserted(torch.tensor([s.image is not None for s in samples])).tolist()
-    size = [len(p) + n for p, n in zip(prompts, inserted)]  # positions each prompt takes
-    # Longest first (an out-of-memory shows at once); striding keeps the ranks' lengths alike.
-    order = sorted(range(len(samples)), key=lambda i: -size[i])[rank::world_size]
-    R = model.visual.resolution
-    texts, row_steps = {}, 0
-    stop = answer_stop(tokenizer) if early_stop else None
-    decoder = StaticDecoder(model.llama) if compile else None
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc="evaluating", unit="batch", disable=not progress or rank != 0):
-        rows = [samples[i] for i in idx]
-        ind = torch.tensor([s.image is not None for s in rows], dtype=torch.long, device=device)
-        images = None
-        if ind.any():
-            images = torch.stack([dataset.load_image(s.pid, s.image) if s.image else torch.zeros(3, R, R)
-                                  for s in rows]).to(device)
-        # The longest row's room is the batch's budget (the official code cuts it the same way).
-        budget = max(1, min(max_new_tokens, model.llama.args.max_seq_len - max(size[i] for i in idx)))
-        st = {}
-        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-            outs = generate(model, tokenizer, [prompts[i] for i in idx], images, ind, budget, stop=stop, stats=st,
-                            decoder=decoder)
-        row_steps += st["steps"] * len(idx)
-        texts.update({s.pid: tokenizer.decode(o) for s, o in zip(rows, outs)})
-    model.train(was_training)
-    if stats is not None:
-        stats.update(row_steps=row_steps, problems=len(order))
-    return texts
-
-
-def evaluate_split(model: LaVIN, tokenizer, *, dataset_name: str, data_path: str | None, split: str,
-                   prompt_format: str, batch_size: int, output_dir: str, image_mode: str = "lavin",
-                   max_new_tokens: int = 64, early_stop: bool = True, rank: int = 0, world_size: int = 1,
-                   device=None, autocast_dtype=None, progress: bool = True, compile: bool = False) -> dict | None:
-    """Evaluate on a ScienceQA-layout split across all ranks; rank 0 writes preds.json ({pid: choice
-    index or -1}), results.json (the table, decode steps) and outputs.json ({pid: text}) into
-    output_dir, prints the table and returns the results (None on the other ranks)."""
-    if dataset_name not in EVAL_DATASETS:
-        raise UsageError(f"cannot evaluate on {dataset_name!r}: use one of {', '.join(EVAL_DATASETS)}")
-    core = getattr(model, "module", model)
-    root = data_path or data.DEFAULT_ROOTS[dataset_name]
-    ds = data.build_dataset(dataset_name, root, split, tokenizer, prompt_format=prompt_format,
-                            image_mode=image_mode, resolution=core.visual.resolution)
-    stats = {}
-    texts = evaluate(core, tokenizer, ds, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     early_stop=early_stop, rank=rank, world_size=world_size, device=device,
-                     autocast_dtype=autocast_dtype, progress=progress, stats=stats, compile=compile)
-    parts = [(texts, stats)]
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        parts = [None] * world_size
-        dist.all_gather_object(parts, (texts, stats))
-    if rank != 0:
-        return None
-    texts = {pid: t for part, _ in parts for pid, t in part.items()}
-    row_steps = sum(st["row_steps"] for _, st in parts)
-    problems, splits = read_release(root)
-    pids = split_pids(splits, split, root, problems)
-    preds = to_indices(texts, problems, pids)
-    result = {"dataset": dataset_name, "split": split, "prompt_format": prompt_format, **score(problems, pids, preds),
-              "decode_steps_per_problem": round(row_steps / max(len(pids), 1), 2),
-              "reference_steps_per_problem": max_new_tokens, "early_stop": early_stop}
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, obj in (("preds.json", preds), ("results.json", result), ("outputs.json", texts)):
-        (out / name).write_text(json.dumps(obj, indent=2) + "\n")
-    print(format_table(result, split))
-    print(f"decode steps per problem: {result['decode_steps_per_problem']} (the reference: {max_new_tokens}); "
-          f"wrote {out / 'results.json'}, preds.json, outputs.json")
-    return result
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -423,7 +131,7 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
         mode = "prompt"
     else:
         mode = "eval"
-        dataset = cfg.dataset or (trained_on if trained_on in EVAL_DATASETS else "")
+        dataset = cfg.dataset or (trained_on if trained_on in data.EVAL_DATASETS else "")
         if not dataset:
             raise UsageError("nothing to do: give --prompt, --image (a chat) or --dataset scienceqa|shapes")
         own = run.get("data_path") if dataset == trained_on else ""  # the run's copy of this dataset
@@ -435,7 +143,7 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
     if not cfg.llama_path or not cfg.clip_path:
         raise UsageError("give --llama_path and --clip_path, or --run OUT (a train.py output_dir)")
     if cfg.template == "auto":
-        cfg = dataclasses.replace(cfg, template="raw" if trained_on in EVAL_DATASETS else "instruction")
+        cfg = dataclasses.replace(cfg, template="raw" if trained_on in data.EVAL_DATASETS else "instruction")
     return cfg, mode
 
 
@@ -527,9 +235,10 @@ def converse(model: LaVIN, tok, cfg: SampleConfig, image, turns, prefix: str = "
 def main(cfg: SampleConfig):
     """The answer (--prompt), the answers (chat) or the results dict (evaluation; None off rank 0)."""
     cfg, mode = resolve(cfg)
-    from train import pick_dtype, setup_distributed  # torchrun's environment, one precision rule
-
     rank, world, device = setup_distributed(cfg.device)
+    note = busy_cores_note(device)
+    if note and rank == 0:
+        print(f"note: {note}", file=sys.stderr)
     if cfg.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
         raise UsageError("--compile on a GPU needs triton (pip install triton); or leave out --compile")
     torch.manual_seed(cfg.seed)
@@ -537,9 +246,9 @@ def main(cfg: SampleConfig):
     image = read_image(cfg.image, model, cfg.image_mode).to(device) if cfg.image else None
     try:
         if mode == "eval":
-            return evaluate_split(model, tok, dataset_name=cfg.dataset, data_path=cfg.data_path, split=cfg.split,
-                                  prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
-                                  output_dir=cfg.output_dir, image_mode=cfg.image_mode,
+            task = data.evaluation(cfg.dataset, cfg.data_path, cfg.split, tok, prompt_format=cfg.prompt_format,
+                                   image_mode=cfg.image_mode, resolution=model.visual.resolution)
+            return evaluate_split(model, tok, task, output_dir=cfg.output_dir, batch_size=cfg.batch_size,
                                   max_new_tokens=cfg.max_new_tokens, early_stop=cfg.early_stop, rank=rank,
                                   world_size=world, device=device, compile=cfg.compile)
         if mode == "chat":

@@ -21,14 +21,15 @@ import importlib.util
 import os
 
 from data import instruct, scienceqa
-from data.batching import (IGNORE_INDEX, PAD_ID, Collator, LengthGroupedBatchSampler, Sample,
+from data.batching import (IGNORE_INDEX, PAD_ID, Collator, LengthGroupedBatchSampler, Sample, SkipBatches,
                            TokenizedDataset, encode_turns)
 
 DATASETS = ("scienceqa", "shapes", "instruct")
+EVAL_DATASETS = ("scienceqa", "shapes")  # those with an evaluation (evaluate.py)
 DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "instruct": instruct.DEFAULT_ROOT}
 
-__all__ = ["build_dataset", "DATASETS", "IGNORE_INDEX", "PAD_ID", "Collator", "LengthGroupedBatchSampler",
-           "Sample", "TokenizedDataset", "encode_turns"]
+__all__ = ["build_dataset", "evaluation", "DATASETS", "EVAL_DATASETS", "IGNORE_INDEX", "PAD_ID", "Collator",
+           "LengthGroupedBatchSampler", "Sample", "SkipBatches", "TokenizedDataset", "encode_turns"]
 
 
 def ensure_shapes(root: str) -> None:
@@ -67,3 +68,17 @@ def build_dataset(name: str, root: str | None, split: str, tokenizer, *,
     return TokenizedDataset(samples, tokenizer, max_seq_len=max_seq_len, reserve=reserve,
                             image_mode=image_mode, resolution=resolution, image_loader=image_loader,
                             name=f"{name}/{split}")
+
+
+def evaluation(name: str, root: str | None, split: str, tokenizer, *, prompt_format: str = scienceqa.DEFAULT_FORMAT,
+               image_mode: str = "lavin", resolution: int = 224):
+    """The evaluation task of a dataset's split, for evaluate.py: its prompts and images, early
+    stop, scoring and table. Bad input raises here, naming the file or the pid."""
+    if name not in EVAL_DATASETS:
+        raise ValueError(f"cannot evaluate on {name!r}: use one of {', '.join(EVAL_DATASETS)}")
+    from data import table
+
+    root = root or DEFAULT_ROOTS[name]
+    if name == "shapes":
+        ensure_shapes(root)
+    return table.Evaluation(name, root, split, tokenizer, prompt_format, image_mode=image_mode, resolution=resolution)

@@ -246,3 +246,18 @@ class LengthGroupedBatchSampler(Sampler):
         if self.drop_last:
             return n // gb
         return math.ceil((n + (-n) % W) / gb)
+
+
+class SkipBatches(Sampler):
+    """The first `skip` batches of an epoch left out: where a resumed run picks up."""
+
+    def __init__(self, batches: Sampler, skip: int):
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self):
+        return max(len(self.batches) - self.skip, 0)

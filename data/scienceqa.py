@@ -201,6 +201,10 @@ def load_samples(root: str = DEFAULT_ROOT, split: str = "train", prompt_format: 
                  use_caption: bool = False, check_images: bool = True) -> list[Sample]:
     """One Sample per problem of the split: (prompt, target) and the image path or None."""
     check_format(prompt_format)  # fail on a typo before reading anything
-    problems = open_split(root, split, use_caption, check_images)
+    return samples_of(open_split(root, split, use_caption, check_images), root, split, prompt_format, use_caption)
+
+
+def samples_of(problems: dict, root: str, split: str, prompt_format: str, use_caption: bool = False) -> list[Sample]:
+    """One Sample per problem of open_split's {pid: problem}: (prompt, target), image path or None."""
     return [Sample(pid, (build_prompt(p, prompt_format, use_caption),), image_path(root, pid, p, split))
             for pid, p in problems.items()]

@@ -14,6 +14,9 @@ The reference guesses a random choice for an answer it cannot parse; we count it
 report how many there were.
 
     python -m data.table --data data/scienceqa --split test --preds outputs.json [--out results.json]
+
+`Evaluation` is what evaluate.py asks of a dataset, for ScienceQA and the shapes set: the split's
+prompts and images, the early stop, the scoring and the table, from one reading of the release.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import os
 import re
 import sys
 
-from data.scienceqa import DEFAULT_ROOT, LETTERS, DataError, load_json, read_release, split_pids
+from data.scienceqa import (DEFAULT_ROOT, LETTERS, DataError, check_format, load_json, open_split, read_release,
+                            samples_of, split_pids)
 
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")  # the reference's pattern, "." unescaped
 GRADES_1_6 = tuple(f"grade{g}" for g in range(1, 7))
@@ -90,15 +94,49 @@ def format_table(result: dict, split: str = "") -> str:
             f"{head}\n{row}")
 
 
-def draw_samples(root, split: str, preds: dict, path, n: int = 12, columns: int = 4, cell: int = 160):
+class Evaluation:
+    """ScienceQA (or the shapes set) on one split, for evaluate.py: problems.json is read once,
+    here, and serves the prompts, the scoring and the picture of the run."""
+
+    def __init__(self, name: str, root: str, split: str, tokenizer, prompt_format: str, use_caption: bool = False,
+                 image_mode: str = "lavin", resolution: int = 224):
+        from data.batching import TokenizedDataset
+
+        check_format(prompt_format)
+        self.name, self.root, self.split, self.prompt_format = name, root, split, prompt_format
+        self.problems = open_split(root, split, use_caption)  # {pid: problem}, in the split's order
+        self.dataset = TokenizedDataset(samples_of(self.problems, root, split, prompt_format, use_caption), tokenizer,
+                                        image_mode=image_mode, resolution=resolution, name=f"{name}/{split}")
+
+    def stop(self, text: str) -> bool:
+        """The table reads the first "The answer is X.": once decoded, nothing after it counts."""
+        return ANSWER_PATTERN.search(text) is not None
+
+    def score(self, texts: dict) -> tuple[dict, dict]:
+        """(the table as a dict, {"preds.json": {pid: choice index or -1}}) from {pid: text}."""
+        pids = list(self.problems)
+        preds = to_indices(texts, self.problems, pids)
+        result = {"dataset": self.name, "split": self.split, "prompt_format": self.prompt_format,
+                  **score(self.problems, pids, preds)}
+        return result, {"preds.json": preds}
+
+    def table(self, result: dict) -> str:
+        return format_table(result, self.split)
+
+
+def draw_samples(root, split: str, preds: dict, path, n: int = 12, columns: int = 4, cell: int = 160,
+                 problems: dict | None = None):
     """A picture of a run (Pillow only): n image problems of the split spread over it, each with
-    its question, the model's choice and a mark, green when right and red when wrong. Returns
+    its question, the model's choice and a mark, green when right and red when wrong. problems:
+    the split's {pid: problem} in its order (Evaluation.problems), else read from root. Returns
     the problems drawn (pid, right) in order."""
     from PIL import Image, ImageDraw, ImageFont
 
-    problems, splits = read_release(root)
+    if problems is None:
+        release, splits = read_release(root)
+        problems = {pid: release[pid] for pid in split_pids(splits, split, root, release)}
     kinds = {}  # image problems by the start of their question, so the picture shows every kind
-    for pid in split_pids(splits, split, root, problems):
+    for pid in problems:
         if problems[pid]["image"]:
             kinds.setdefault(" ".join(problems[pid]["question"].split()[:2]), []).append(pid)
     queues = list(kinds.values())

@@ -26,8 +26,9 @@ from data.table import parse_answer
 from lavin import LaVIN, LaVINArgs, save_adapters
 from model import Llama, ModelArgs, Tokenizer
 from router import IMAGE, TEXT
-from sample import (ContextTooLong, SampleConfig, StaticDecoder, Stream, UsageError, converse, evaluate,
-                    evaluate_split, generate, main, make_config, typed_lines)
+from evaluate import evaluate, evaluate_split
+from generate import ContextTooLong, StaticDecoder, Stream, generate
+from sample import SampleConfig, UsageError, converse, main, make_config, typed_lines
 from tests.checkpoints import random_state, write_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +122,8 @@ def world(tmp_path_factory):
     config = dict(dataset="shapes", llama_path=str(root / "llama"), clip_path=str(root / "clip" / "tiny.pt"),
                   data_path=str(root), prompt_format="QCM-ALE", max_seq_len=256, image_mode="lavin")
     save_adapters(run / "adapters.pth", model, config=config, step=1)
-    ds = data.build_dataset("shapes", str(root), "test", tok, resolution=32)
-    return types.SimpleNamespace(root=root, tok=tok, model=model, run=run, ds=ds, problems=problems)
+    task = data.evaluation("shapes", str(root), "test", tok, resolution=32)
+    return types.SimpleNamespace(root=root, tok=tok, model=model, run=run, task=task, ds=task.dataset, problems=problems)
 
 
 def rows(tok, seed=1, lengths=(5, 12, 3, 8)):
@@ -217,7 +218,7 @@ def test_compiled_decode_gives_the_eager_tokens(world):
     want = generate(model, tok, prompts, images, ind, max_new_tokens=8)
     assert generate(model, tok, prompts, images, ind, max_new_tokens=8, decoder=StaticDecoder(model.llama)) == want
     kw = dict(batch_size=16, early_stop=False, max_new_tokens=16, progress=False)
-    assert evaluate(world.model, world.tok, world.ds, compile=True, **kw) == evaluate(world.model, world.tok, world.ds, **kw)
+    assert evaluate(world.model, world.tok, world.task, compile=True, **kw) == evaluate(world.model, world.tok, world.task, **kw)
     cfg = SampleConfig(template="instruction", max_new_tokens=6, fold=False)
     turns = ["What is in the picture?", "And its colour?"]
     image = torch.randn(3, 32, 32)
@@ -263,7 +264,7 @@ def test_prompt_plus_new_tokens_longer_than_the_context_is_refused(world):
 
 
 def test_top_p_keeps_the_nucleus():
-    from sample import sample_next
+    from generate import sample_next
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
     g = torch.Generator().manual_seed(0)
@@ -278,8 +279,8 @@ def test_top_p_keeps_the_nucleus():
 
 def test_early_stop_gives_the_full_decode_predictions_in_a_fifth_of_the_steps(world):
     full, early = {}, {}
-    texts_full = evaluate(world.model, world.tok, world.ds, batch_size=8, early_stop=False, stats=full, progress=False)
-    texts = evaluate(world.model, world.tok, world.ds, batch_size=8, early_stop=True, stats=early, progress=False)
+    texts_full = evaluate(world.model, world.tok, world.task, batch_size=8, early_stop=False, stats=full, progress=False)
+    texts = evaluate(world.model, world.tok, world.task, batch_size=8, early_stop=True, stats=early, progress=False)
     n = {pid: len(world.problems[pid]["choices"]) for pid in texts}
     preds = {pid: parse_answer(t, n[pid]) for pid, t in texts.items()}
     assert preds == {pid: parse_answer(t, n[pid]) for pid, t in texts_full.items()}
@@ -290,16 +291,15 @@ def test_early_stop_gives_the_full_decode_predictions_in_a_fifth_of_the_steps(wo
 
 
 def test_ranks_shard_the_split(world):
-    whole = evaluate(world.model, world.tok, world.ds, batch_size=4, progress=False)
-    parts = [evaluate(world.model, world.tok, world.ds, batch_size=4, rank=r, world_size=2, progress=False)
+    whole = evaluate(world.model, world.tok, world.task, batch_size=4, progress=False)
+    parts = [evaluate(world.model, world.tok, world.task, batch_size=4, rank=r, world_size=2, progress=False)
              for r in range(2)]
     assert not set(parts[0]) & set(parts[1]) and {**parts[0], **parts[1]} == whole
     assert abs(len(parts[0]) - len(parts[1])) <= 1
 
 
 def test_evaluate_split_writes_preds_results_and_prints_the_table(world, tmp_path, capsys):
-    result = evaluate_split(world.model, world.tok, dataset_name="shapes", data_path=str(world.root), split="test",
-                            prompt_format="QCM-ALE", batch_size=16, output_dir=str(tmp_path), progress=False)
+    result = evaluate_split(world.model, world.tok, world.task, batch_size=16, output_dir=str(tmp_path), progress=False)
     preds = json.loads((tmp_path / "preds.json").read_text())
     outputs = json.loads((tmp_path / "outputs.json").read_text())
     assert json.loads((tmp_path / "results.json").read_text()) == result

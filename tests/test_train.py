@@ -1,4 +1,6 @@
 """train.py: the MMT loop on a tiny shapes set (files in the official formats), CPU, Gloo."""
+import builtins
+import io
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import train
+from config import PRESETS
 from data import shapes
 from model import load_llama
 from train import TrainConfig, UsageError
@@ -29,7 +32,7 @@ def tiny_set(tmp_path_factory) -> Path:
 
 def config(tiny_set, out, **kw) -> TrainConfig:
     """The shapes preset, shrunk: 24 training samples, 3 steps of 8 per epoch."""
-    base = dict(train.PRESETS["shapes"], preset="shapes", data_path=str(tiny_set), output_dir=str(out), epochs=2,
+    base = dict(PRESETS["shapes"], preset="shapes", data_path=str(tiny_set), output_dir=str(out), epochs=2,
                 batch_size=4, effective_batch=8, skip_eval=True)
     return TrainConfig(**{**base, **kw})
 
@@ -46,6 +49,24 @@ def run_cli(*args, nproc=0, timeout=120):
 
 
 # ----------------------------------------------------------------------------- recipe
+
+def test_a_run_reads_problems_json_once_to_train_and_once_to_evaluate(tiny_set, tmp_path, monkeypatch):
+    """The end of a run (evaluation, table, samples.png, the next command) shares one reading."""
+    reads, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith("problems.json"):
+            reads.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # what Path.read_text opens with
+    out = tmp_path / "run"
+    result = train.main(config(tiny_set, out, max_steps=1, skip_eval=False, eval_split="test", eval_batch_size=32))
+    assert len(reads) == 2
+    assert result["eval"]["n"] == len(json.loads((tiny_set / "pid_splits.json").read_text())["test"])
+    assert (out / "samples.png").is_file() and json.loads((out / "results.json").read_text()) == result["eval"]
+
 
 def test_schedule_warms_up_then_follows_half_a_cosine_to_zero():
     cfg = TrainConfig(epochs=20, warmup_epochs=2)

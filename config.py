@@ -1,0 +1,160 @@
+"""The settings of a training run: TrainConfig (every field a flag of train.py), the paper's
+recipes as presets, and the checks that turn bad input into one line before any compute.
+
+    defaults (TrainConfig) ─> the preset (by default the dataset's own) ─> the flags given
+      └─ resolve(): empty paths filled in, values checked ─> check_inputs(): the files exist
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import data
+from lavin import LaVINArgs
+from runtime import UsageError
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    dataset: str = "shapes"  # scienceqa | shapes | instruct
+    preset: str = ""  # lavin-7b | lavin-13b | chatbot-7b | shapes; "" = the dataset's own recipe
+    data_path: str = ""  # "" = data/{dataset}; the shapes folder also holds its tiny backbones
+    llama_path: str = ""  # LLaMA folder (Meta or Hugging Face layout); "" = the preset's default
+    clip_path: str = ""  # OpenAI CLIP checkpoint; "" = the preset's default
+    output_dir: str = ""  # "" = out/{preset}, and -no_visual / -no_router for the ablations
+    # the recipe (the paper's, as the official scripts run it); presets set these
+    epochs: int = 20
+    batch_size: int = 4  # per process
+    accum_iter: int = 0  # micro-batches per optimizer step; 0 = reach effective_batch
+    effective_batch: int = 32  # batch_size x accum_iter x processes, when accum_iter is 0
+    blr: float = 9e-3  # base lr: lr = blr * effective batch / 256
+    warmup_epochs: float = 2.0
+    weight_decay: float = 0.02  # none on biases and 1-D parameters
+    max_seq_len: int = 512
+    prompt_format: str = "QCM-ALE"
+    adapter_dim: int = 8
+    temperature: float = 10.0  # router softmax temperature: 10 for 7B, 5 for 13B
+    adapter_dropout: float = 0.1
+    image_mode: str = "lavin"  # lavin (224x224 resize, ImageNet mean/std: the released weights) | clip
+    no_visual: bool = False  # ablation: no visual tokens, no CLIP adapters (image problems read "Image: N/A")
+    no_router: bool = False  # ablation: one adapter path for both modalities instead of two and a router
+    # the run
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (counted from the start); 0 = all
+    resume: str = ""  # a checkpoint.pth to continue from
+    save_interval: int = 0  # optimizer steps between checkpoints; 0 = once per epoch
+    num_workers: int = -1  # DataLoader workers per process; -1 = 4 on a GPU, 0 on the CPU
+    device: str = ""  # "" = cuda if there is one, else cpu
+    precision: str = "auto"  # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | bf16 | fp16 | fp32
+    grad_checkpointing: bool = False  # recompute the frozen blocks in the backward pass
+    compile: bool = False  # torch.compile each transformer block
+    skip_bad_images: bool = False  # drop samples whose image file is unreadable instead of stopping
+    dry_run: bool = False  # build the model, print the parameter summary, stop
+    skip_eval: bool = False  # no evaluation at the end
+    eval_split: str = "test"
+    eval_batch_size: int = 16
+
+
+WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b"}
+PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
+    "lavin-7b": dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt",
+                     temperature=10.0),
+    "lavin-13b": dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path="weights/ViT-L-14.pt",
+                      temperature=5.0),
+    # LaVIN's chatbot: Vicuna, Alpaca-52k + LLaVA-Instruct, 15 epochs, 0.2 warm-up epochs
+    "chatbot-7b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-7b"], clip_path="weights/ViT-L-14.pt",
+                       epochs=15, warmup_epochs=0.2, temperature=10.0),
+    # The laptop demo: tiny backbones inside data/shapes, the paper's recipe (lr, batch, warm-up
+    # then cosine) on two CPU cores in three minutes: 10 epochs of 3,600 problems, answer only
+    # (QCM-A: the tiny LLaMA never read lectures, and learning them through 44k adapter weights
+    # costs the answers). The 20 epochs of 1,800 problems tried before learnt the training
+    # pictures by heart (image questions: 56% on test).
+    "shapes": dict(dataset="shapes", batch_size=16, max_seq_len=256, prompt_format="QCM-A", eval_batch_size=64,
+                   epochs=10, warmup_epochs=1.0),
+}
+DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b"}
+ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "chatbot-7b": "lavin-7b"}  # lavin.PRESETS, for --dry_run
+
+
+def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
+    """TrainConfig from the command line: the dataclass defaults, then the preset (by default the
+    dataset's own), then the flags given. Returns the config and notes on flags that overrode it."""
+    p = argparse.ArgumentParser(description="Mixture-of-Modality Training of LaVIN.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = f"--{f.name}"
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
+    values = {**PRESETS[preset], "preset": preset}
+    notes = [f"--{k} {v} overrides preset {preset}'s {k}={values[k]}" for k, v in given.items()
+             if k in values and values[k] != v]
+    return TrainConfig(**{**values, **given}), notes
+
+
+def preset_of(dataset: str, preset: str) -> str:
+    """The preset a run uses (by default the dataset's own), after checking both names."""
+    if dataset not in DATASET_PRESET:
+        raise UsageError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASET_PRESET)}")
+    if preset and preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return preset or DATASET_PRESET[dataset]
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the paths left empty with their defaults, and check the values."""
+    preset = preset_of(cfg.dataset, cfg.preset)
+    data_path = cfg.data_path or data.DEFAULT_ROOTS[cfg.dataset]
+    shapes = cfg.dataset == "shapes"
+    ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router  # never over the full run
+    cfg = dataclasses.replace(
+        cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",
+        llama_path=cfg.llama_path or (f"{data_path}/llama" if shapes else PRESETS[preset].get("llama_path", "")),
+        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if shapes else PRESETS[preset].get("clip_path", "")))
+    for name in ("epochs", "batch_size", "effective_batch", "max_seq_len", "adapter_dim", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.accum_iter < 0 or cfg.max_steps < 0 or cfg.blr <= 0 or cfg.temperature <= 0:
+        raise UsageError("--accum_iter and --max_steps must be >= 0, --blr and --temperature > 0")
+    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise UsageError(f"unknown precision {cfg.precision!r}: use auto, bf16, fp16 or fp32")
+    if not 0 <= cfg.adapter_dropout < 1 or not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise UsageError("--adapter_dropout must be in [0, 1), --warmup_epochs in [0, epochs]")
+    try:
+        data.scienceqa.check_format(cfg.prompt_format)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return cfg
+
+
+def check_inputs(cfg: TrainConfig):
+    """Every file the run needs, before any compute: a missing one says what was expected."""
+    llama = Path(cfg.llama_path)
+    if not (llama / "params.json").is_file() and not (llama / "config.json").is_file():
+        raise UsageError(
+            f"no LLaMA weights in {llama}: expected Meta's layout (params.json, consolidated.00.pth, ..., "
+            f"tokenizer.model in the folder or its parent) or Hugging Face's (config.json, *.safetensors or "
+            f"pytorch_model*.bin, tokenizer.model); request them from Meta (or Vicuna's from Hugging Face) "
+            f"and pass --llama_path")
+    if not Path(cfg.clip_path).is_file():
+        raise UsageError(f"no CLIP checkpoint at {cfg.clip_path}: expected OpenAI's ViT-L-14.pt (the file "
+                         f"the openai/CLIP package downloads for 'ViT-L/14'); pass --clip_path")
+    root = Path(cfg.data_path)
+    if cfg.dataset == "scienceqa" and not (root / "problems.json").is_file():
+        raise UsageError(f"no ScienceQA release in {root}: expected problems.json, pid_splits.json and "
+                         f"images/{{train,val,test}}/<pid>/image.png from the ScienceQA repository's data "
+                         f"download; pass --data_path")
+    if cfg.dataset == "instruct" and not (root / data.instruct.ALPACA).is_file():
+        raise UsageError(f"no instruction data in {root}: expected {data.instruct.ALPACA} (Alpaca) and "
+                         f"{', '.join(data.instruct.LLAVA)} (LLaVA-Instruct), COCO train2014 images in "
+                         f"{data.instruct.DEFAULT_COCO_ROOT}; pass --data_path")
+
+
+def lavin_args(cfg: TrainConfig) -> LaVINArgs:
+    return LaVINArgs(adapter_dim=cfg.adapter_dim, temperature=cfg.temperature, adapter_dropout=cfg.adapter_dropout,
+                     visual=not cfg.no_visual, router=not cfg.no_router)

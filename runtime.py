@@ -1,0 +1,88 @@
+"""What every entry point sets up the same way: the CPU's threads, torchrun's processes, the
+precision, and the one kind of error a user sees as a single line.
+
+CPU threads. torch splits each op over one thread per core, and the threads meet at the end of
+it. On cores shared with other work, a partner thread that was descheduled keeps the others
+waiting for a whole time slice: on 2 cores with two other busy processes the laptop demo ran
+5.7x slower than on idle cores, at 1 thread 2.3x, but at 1 thread it is 28% slower when the
+cores are idle. No fixed setting is good for both (OpenMP's wait policies trade the one for the
+other: README), so `cpu_threads` looks, when a run starts, at how many other tasks are running
+and keeps a thread for each core they leave free.
+"""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, no traceback."""
+
+
+def setup_distributed(device: str):
+    """(rank, world size, device): torchrun's environment if present (NCCL on GPUs, Gloo on the
+    CPU), else a single plain process."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device or ("cuda" if cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that has it, else fp16 (with a GradScaler in training); fp32 on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def busy_cores_note(device: torch.device) -> str:
+    """cpu_threads(device), and a line to tell the user when it chose 1 thread ("" otherwise)."""
+    n = torch.get_num_threads()
+    if cpu_threads(device) < n:
+        return (f"the CPU's cores are busy with other work: torch runs on 1 thread instead of {n} "
+                f"(OMP_NUM_THREADS=N chooses)")
+    return ""
+
+
+def cpu_threads(device: torch.device) -> int:
+    """Set and return the threads for torch's CPU ops: one per core that other work leaves free
+    (at least 1), as seen now. A thread count the user gave (OMP_NUM_THREADS; torchrun sets 1 for
+    several processes a node) is kept, and so is anything on a GPU run."""
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1 or "OMP_NUM_THREADS" in os.environ:
+        return n
+    threads = free_cores(len(os.sched_getaffinity(0)), others_running(), n)
+    if threads != n:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def free_cores(cores: int, others: int, most: int) -> int:
+    """Threads for `cores` cores of which `others` running tasks take one each: at least 1."""
+    return max(1, min(most, cores - others))
+
+
+def others_running(samples: int = 10, interval: float = 0.01) -> int:
+    """How many other tasks the kernel has running or ready to run (Linux's /proc/stat
+    procs_running, less this thread): the median of samples over a tenth of a second, spent
+    spinning, not sleeping, so that two runs started together see each other. 0 where there is
+    no /proc/stat."""
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                counts += [int(line.split()[1]) - 1 for line in f if line.startswith("procs_running")]
+        except OSError:
+            return 0
+        until = time.perf_counter() + interval
+        while time.perf_counter() < until:
+            pass
+    return sorted(counts)[len(counts) // 2] if counts else 0

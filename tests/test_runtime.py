@@ -1,0 +1,53 @@
+"""runtime.py: the thread choice on shared cores, the precision rule."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime import cpu_threads, free_cores, others_running, pick_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_thread_for_each_core_other_work_leaves_free():
+    assert free_cores(2, 0, 2) == 2  # idle: torch's default
+    assert free_cores(2, 1, 2) == 1
+    assert free_cores(2, 3, 2) == 1  # never none
+    assert free_cores(16, 4, 8) == 8  # never more than torch's default
+
+
+def test_busy_processes_are_seen_and_leave_one_thread():
+    n = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ or len(os.sched_getaffinity(0)) > 4:
+        pytest.skip("needs a machine of a few cores and no OMP_NUM_THREADS")
+    before = others_running()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.5)
+        assert others_running() >= before + len(busy) - 1
+        assert cpu_threads(torch.device("cpu")) == 1 and torch.get_num_threads() == 1
+        assert cpu_threads(torch.device("cuda")) == 1  # a GPU run's threads are left as they are
+    finally:
+        for p in busy:
+            p.kill()
+        torch.set_num_threads(n)
+
+
+def test_a_thread_count_the_user_chose_is_kept():
+    code = "import torch; from runtime import cpu_threads; print(cpu_threads(torch.device('cpu')), torch.get_num_threads())"
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    finally:
+        busy.kill()
+    assert out.stdout.split() == ["2", "2"]
+
+
+def test_precision():
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("fp16", torch.device("cpu")) == torch.float16
