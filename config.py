@@ -13,7 +13,7 @@ from pathlib import Path
 
 import data
 from lavin import LaVINArgs
-from runtime import UsageError
+from runtime import UsageError, field_help
 
 
 @dataclass
@@ -26,25 +26,26 @@ class TrainConfig:
     clip_path: str = ""  # OpenAI CLIP checkpoint; "" = the preset's default
     output_dir: str = ""  # "" = out/{preset}, and -no_visual / -no_router for the ablations
     # the recipe (the paper's, as the official scripts run it); presets set these
-    epochs: int = 20
+    epochs: int = 20  # passes over the training split
     batch_size: int = 4  # per process
     accum_iter: int = 0  # micro-batches per optimizer step; 0 = reach effective_batch
     effective_batch: int = 32  # batch_size x accum_iter x processes, when accum_iter is 0
     blr: float = 9e-3  # base lr: lr = blr * effective batch / 256
-    warmup_epochs: float = 2.0
+    warmup_epochs: float = 2.0  # linear warm-up, then half a cosine to 0 at the last epoch
     weight_decay: float = 0.02  # none on biases and 1-D parameters
-    max_seq_len: int = 512
-    prompt_format: str = "QCM-ALE"
-    adapter_dim: int = 8
+    max_seq_len: int = 512  # positions per sample, inserted image tokens included; longer ones are cut
+    prompt_format: str = "QCM-ALE"  # ScienceQA input-output format (data/scienceqa.py: 81 of them)
+    adapter_dim: int = 8  # the adapters' bottleneck width
     temperature: float = 10.0  # router softmax temperature: 10 for 7B, 5 for 13B
-    adapter_dropout: float = 0.1
+    adapter_dropout: float = 0.1  # dropout after the adapters' down-projection
     image_mode: str = "lavin"  # lavin (224x224 resize, ImageNet mean/std: the released weights) | clip
     no_visual: bool = False  # ablation: no visual tokens, no CLIP adapters (image problems read "Image: N/A")
     no_router: bool = False  # ablation: one adapter path for both modalities instead of two and a router
     # the run
-    seed: int = 0
+    seed: int = 0  # adapter initialisation, data order, dropout
     max_steps: int = 0  # stop after this many optimizer steps (counted from the start); 0 = all
     resume: str = ""  # a checkpoint.pth to continue from
+    overwrite: bool = False  # replace a run already in --output_dir instead of refusing to write there
     save_interval: int = 0  # optimizer steps between checkpoints; 0 = once per epoch
     num_workers: int = -1  # DataLoader workers per process; -1 = 4 on a GPU, 0 on the CPU
     device: str = ""  # "" = cuda if there is one, else cpu
@@ -54,8 +55,8 @@ class TrainConfig:
     skip_bad_images: bool = False  # drop samples whose image file is unreadable instead of stopping
     dry_run: bool = False  # build the model, print the parameter summary, stop
     skip_eval: bool = False  # no evaluation at the end
-    eval_split: str = "test"
-    eval_batch_size: int = 16
+    eval_split: str = "test"  # the split evaluated at the end
+    eval_batch_size: int = 16  # prompts per batch in that evaluation
 
 
 WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b"}
@@ -83,12 +84,16 @@ def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
     """TrainConfig from the command line: the dataclass defaults, then the preset (by default the
     dataset's own), then the flags given. Returns the config and notes on flags that overrode it."""
     p = argparse.ArgumentParser(description="Mixture-of-Modality Training of LaVIN.")
+    helps = field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = f"--{f.name}"
+        preset = any(f.name in recipe for recipe in PRESETS.values())
+        default = f"the preset's, else {f.default!r}" if preset else repr(f.default)
+        flag, text = f"--{f.name}", f"{helps[f.name]} (default: {default})".replace("%", "%%")
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps[f.name])
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS)
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS,
+                           help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line
     preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
     values = {**PRESETS[preset], "preset": preset}
@@ -158,3 +163,13 @@ def check_inputs(cfg: TrainConfig):
 def lavin_args(cfg: TrainConfig) -> LaVINArgs:
     return LaVINArgs(adapter_dim=cfg.adapter_dim, temperature=cfg.temperature, adapter_dropout=cfg.adapter_dropout,
                      visual=not cfg.no_visual, router=not cfg.no_router)
+
+
+def check_output(cfg: TrainConfig):
+    """A second run into a folder that holds one would append to its log and write over its
+    checkpoint: refuse, naming the ways forward."""
+    out = Path(cfg.output_dir)
+    held = [name for name in ("log.jsonl", "checkpoint.pth") if (out / name).exists()]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise UsageError(f"{out} already holds a run ({', '.join(held)}): continue it with --resume "
+                         f"{out / 'checkpoint.pth'}, or write to a new --output_dir (--overwrite replaces it)")

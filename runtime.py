@@ -86,3 +86,28 @@ def others_running(samples: int = 10, interval: float = 0.01) -> int:
         while time.perf_counter() < until:
             pass
     return sorted(counts)[len(counts) // 2] if counts else 0
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: its comment} of a dataclass whose fields are commented as `name: type = value  # text`
+    (a following comment-only line continues the text): the --help of each flag."""
+    import inspect
+    import io
+    import tokenize
+
+    helps, last = {}, None
+    lines = inspect.getsource(cls).splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        row = lines[tok.start[0] - 1]
+        text = tok.string.lstrip("#").strip()
+        code = row[: tok.start[1]].strip()
+        if code and ":" in code:  # a field's own comment
+            last = code.split(":")[0].strip()
+            helps[last] = text
+        elif not code and last and tok.string.startswith("#  "):
+            helps[last] += " " + text  # a continuation: its text indented under the field's
+        else:
+            last = None  # a section comment
+    return helps

@@ -30,7 +30,7 @@ from generate import ContextTooLong, Stream, StaticDecoder, cache_dtype, decode,
 from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from router import IMAGE, TEXT
-from runtime import UsageError, busy_cores_note, pick_dtype, setup_distributed
+from runtime import UsageError, busy_cores_note, field_help, pick_dtype, setup_distributed
 
 
 @dataclass
@@ -47,17 +47,17 @@ class SampleConfig:
     template: str = "auto"  # raw: the prompt as typed | instruction: "Instruction: {prompt}\nResponse:"
     #                         auto: raw for a run trained on scienceqa/shapes, else instruction
     temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-    max_new_tokens: int = 64
+    top_p: float = 1.0  # sample from the smallest set of tokens whose probability reaches it
+    seed: int = 0  # the sampling's random draws
+    max_new_tokens: int = 64  # new tokens per answer at most
     fold: bool = True  # fold the one modality's routing into the weights (prompt, chat): plain LLaMA's cost
     # evaluation
     dataset: str = ""  # scienceqa | shapes: evaluate on --split ("" with --run: the run's dataset)
-    split: str = "test"
+    split: str = "test"  # the split --dataset evaluates
     data_path: str = ""  # "" = the run's, else data/{dataset}
     prompt_format: str = ""  # "" = the run's, else QCM-ALE
     output_dir: str = ""  # "" = {run}/eval-{split}, else out/eval/{dataset}-{split}
-    batch_size: int = 16
+    batch_size: int = 16  # prompts per batch in an evaluation
     early_stop: bool = True  # end a row at "The answer is X." (--no-early_stop: every token, as the reference)
     # the machine
     max_seq_len: int = 0  # 0 = the run's, else 512 (the official evaluation's)
@@ -75,13 +75,25 @@ CHOICES = {"dataset": ("", *data.EVAL_DATASETS), "template": ("auto", "raw", "in
 
 def make_config(argv=None) -> SampleConfig:
     p = argparse.ArgumentParser(description="Ask a trained LaVIN about an image, chat with it, or evaluate it.")
+    helps = field_help(SampleConfig)
     for f in dataclasses.fields(SampleConfig):
+        text = f"{helps[f.name]} (default: {f.default!r})".replace("%", "%%")
         if f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             p.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                           default=f.default, choices=CHOICES.get(f.name))
-    return SampleConfig(**vars(p.parse_args(argv)))
+                           default=f.default, choices=CHOICES.get(f.name), help=text)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = SampleConfig(**vars(p.parse_args(argv)))
+    if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
+        raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
+    for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("temperature", 0)):
+        if getattr(cfg, name) < low:
+            raise UsageError(f"--{name} must be at least {low}, got {getattr(cfg, name)}"
+                             + (" (0 is greedy)" if name == "temperature" else ""))
+    if not 0 < cfg.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    return cfg
 
 
 def message(e: BaseException) -> str:
@@ -124,7 +136,7 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
     fill = {k: getattr(cfg, k) or run.get(k) or default for k, default in
             (("llama_path", ""), ("clip_path", ""), ("prompt_format", "QCM-ALE"), ("max_seq_len", 512),
              ("image_mode", "lavin"))}
-    cfg = dataclasses.replace(cfg, **fill)
+    format_given, cfg = cfg.prompt_format, dataclasses.replace(cfg, **fill)
     if cfg.chat or (cfg.image and not cfg.prompt):
         mode = "chat"
     elif cfg.prompt:
@@ -140,6 +152,9 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
                                   data_path=cfg.data_path or own or data.DEFAULT_ROOTS[dataset])
     if cfg.dataset and mode != "eval":
         raise UsageError("--dataset evaluates: leave out --prompt, --image and --chat")
+    if format_given and mode != "eval":
+        print(f"note: --prompt_format {format_given} shapes the prompts of an evaluation (--dataset); a --prompt "
+              f"or a chat is sent as typed (--template)", file=sys.stderr)
     if not cfg.llama_path or not cfg.clip_path:
         raise UsageError("give --llama_path and --clip_path, or --run OUT (a train.py output_dir)")
     if cfg.template == "auto":
@@ -177,11 +192,12 @@ def read_image(path: str, model: LaVIN, mode: str) -> torch.Tensor:
 
 
 def typed_lines(read=input):
-    """The user's turns: lines until an empty one or the end of input."""
+    """The user's turns: lines until an empty one, Ctrl-D or Ctrl-C (each ends the chat cleanly)."""
     while True:
         try:
             text = read("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()  # the shell's prompt then starts a line of its own
             return
         if not text.strip():
             return
@@ -252,7 +268,12 @@ def main(cfg: SampleConfig):
                                   max_new_tokens=cfg.max_new_tokens, early_stop=cfg.early_stop, rank=rank,
                                   world_size=world, device=device, compile=cfg.compile)
         if mode == "chat":
-            return converse(model, tok, cfg, image, typed_lines(), prefix="lavin> ")
+            print("(an empty line, Ctrl-D or Ctrl-C ends the chat)")
+            try:
+                return converse(model, tok, cfg, image, typed_lines(), prefix="lavin> ")
+            except KeyboardInterrupt:  # while it answers: the chat ends as at an empty line
+                print()
+                return []
         return converse(model, tok, cfg, image, [cfg.prompt])[0]
     except ContextTooLong as e:
         raise UsageError(f"{e}: shorten the prompt, lower --max_new_tokens or raise --max_seq_len") from e

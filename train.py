@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-import data.shapes
 from adapter import load_trainable, trainable_state_dict
-from config import ARCHITECTURE, TrainConfig, check_inputs, lavin_args, make_config, resolve
+from config import ARCHITECTURE, TrainConfig, check_inputs, check_output, lavin_args, make_config, resolve
 from data.batching import IGNORE_INDEX
 from evaluate import evaluate_split
 from lavin import LaVIN, atomic_save, build_preset, load_lavin, save_adapters, summary
@@ -109,7 +110,7 @@ def read_resume(cfg: TrainConfig) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config", "lavin_args"} <= set(ckpt):
         raise UsageError(f"--resume {path}: not a train.py checkpoint (adapters.pth only holds weights: "
                          f"resume from checkpoint.pth)")
@@ -272,10 +273,11 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     a checkpoint with --resume. Everything that can fail on bad input fails here."""
     if cfg.dataset == "shapes":  # generated on first use, by one process
         if rank == 0:
-            data.shapes.ensure(cfg.data_path)
+            data.ensure_shapes(cfg.data_path)
         if dist.is_initialized():
             dist.barrier()
     check_inputs(cfg)
+    check_output(cfg)
     ckpt = read_resume(cfg) if cfg.resume else None
     if cfg.accum_iter == 0 and cfg.effective_batch % (cfg.batch_size * world):
         raise UsageError(f"effective batch {cfg.effective_batch} is not a multiple of batch_size {cfg.batch_size} "
@@ -363,12 +365,30 @@ def train_loop(run: Run) -> float:
     from tqdm import tqdm
 
     cfg, out = run.cfg, run.out
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if run.device.type == "cuda" else 0)
-    autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
     log = open_log(out / "log.jsonl", run.step, resumed=bool(cfg.resume)) if run.rank == 0 else None
     bar = tqdm(total=run.stop, initial=run.step, desc="training", unit="step", disable=run.rank != 0,
                dynamic_ncols=True)
     run.model.train()
+    loss = float("nan")
+    with StopRequest() as stop:
+        loss = epochs(run, log, bar, stop)
+    bar.close()
+    if log:
+        log.close()
+    if stop.asked:
+        ckpt = run.out / "checkpoint.pth"
+        command = "torchrun ... train.py" if run.world > 1 else f"python {' '.join(sys.argv) or 'train.py ...'}"
+        raise Interrupted(f"interrupted: {ckpt} holds step {run.step} of {run.stop}; continue with  "
+                          f"{command} --resume {ckpt}")
+    return loss
+
+
+def epochs(run: Run, log, bar, stop: "StopRequest") -> float:
+    """The steps of train_loop; returns after run.stop, or after the step in progress when a stop
+    was asked for (the checkpoint then saved)."""
+    cfg = run.cfg
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if run.device.type == "cuda" else 0)
+    autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
     loss = float("nan")
     while run.step < run.stop:
         epoch, first = divmod(run.step, run.steps_per_epoch)
@@ -403,22 +423,58 @@ def train_loop(run: Run) -> float:
                 log.flush()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
             bar.update()
-            if run.step == run.stop or i == run.steps_per_epoch - 1 or \
+            stopping = stop.agreed(run.world, run.device)
+            if stopping or run.step == run.stop or i == run.steps_per_epoch - 1 or \
                     (cfg.save_interval and run.step % cfg.save_interval == 0):
                 save_checkpoint(run)
-    bar.close()
-    if log:
-        log.close()
+            if stopping:
+                return loss
     return loss
 
 
+class Interrupted(Exception):
+    """The run stopped on Ctrl-C (or SIGTERM) after saving: the message says how to continue."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (torchrun passes Ctrl-C on as one) as a request: the step in
+    progress finishes, every rank stops after the same step and the checkpoint is saved. A
+    second signal stops at once; checkpoint.pth stays whole (atomic_save renames a finished file)."""
+
+    asked = False
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach only that thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def agreed(self, world: int, device) -> bool:
+        """Whether any rank was asked to stop: all of them must stop after the same step."""
+        if world == 1:
+            return self.asked
+        flag = all_sum(torch.tensor(float(self.asked), device=device))
+        self.asked = bool(flag.item())
+        return self.asked
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def open_log(path: Path, step: int, resumed: bool):
-    """log.jsonl for appending. A resumed run keeps the lines up to its checkpoint's step: the
-    steps logged after it (before a crash) run again and are logged again."""
+    """log.jsonl, a line per step: new, or for a resumed run the lines up to its checkpoint's step
+    (the steps logged after it, before a crash, run again and are logged again)."""
     if resumed and path.is_file():
         rows = path.read_text().splitlines()
         path.write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", step + 1) <= step))
-    return open(path, "a")
+    return open(path, "a" if resumed else "w")
 
 
 def finish(run: Run, loss: float) -> dict:
@@ -449,6 +505,12 @@ if __name__ == "__main__":
         main(cfg, notes)
     except (UsageError, FileNotFoundError, data.scienceqa.DataError) as e:
         sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)  # as a shell reports a command stopped by SIGINT
+    except KeyboardInterrupt:  # outside the loop (loading, evaluating), or a second Ctrl-C while saving
+        print("\ninterrupted (checkpoint.pth, if any, is the last one completed)", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

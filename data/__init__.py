@@ -33,9 +33,13 @@ __all__ = ["build_dataset", "evaluation", "DATASETS", "EVAL_DATASETS", "IGNORE_I
 
 
 def ensure_shapes(root: str) -> None:
-    """Hook for the synthetic set: generate it on first use if data/shapes.py can."""
+    """The synthetic set: written on first use into the default folder (a mistyped --data_path
+    gets an error, not a new 22 MB set)."""
     if os.path.isfile(os.path.join(root, "problems.json")):
         return
+    if os.path.normpath(root) != os.path.normpath(DEFAULT_ROOTS["shapes"]):
+        raise FileNotFoundError(f"no shapes set in {root}: only the default {DEFAULT_ROOTS['shapes']} is written "
+                                f"on first use; write one there with  python -m data.shapes --root {root}")
     shapes = importlib.import_module("data.shapes") if importlib.util.find_spec("data.shapes") else None
     if shapes is None or not hasattr(shapes, "ensure"):
         raise FileNotFoundError(f"no synthetic set in {root}: run  python -m data.shapes --root {root}")

@@ -9,6 +9,7 @@ Two tiny models on a real sentencepiece tokenizer (trained on a small shapes set
 import copy
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import types
@@ -461,3 +462,49 @@ def test_official_checkpoint_from_the_command_line(world, tmp_path):
     load_adapters(model, tmp_path / "checkpoint-19.pth")
     want = generate(model.eval(), tok, [tok.encode("Question: hi?", bos=True, eos=False)], max_new_tokens=5)[0]
     assert answer == tok.decode(want)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be at least 0"),
+    (["--top_p", "0"], "--top_p must be in"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_nonsense_flags_are_refused(argv, match):
+    with pytest.raises(UsageError, match=match):
+        make_config(argv)
+
+
+def test_prompt_format_with_a_prompt_is_noted(world, capsys):
+    main(SampleConfig(run=str(world.run), prompt="Question: hi\\nResponse:", prompt_format="QCM-A", max_new_tokens=2))
+    assert "note: --prompt_format QCM-A shapes the prompts of an evaluation" in capsys.readouterr().err
+
+
+def chat_process(world, tmp_path):
+    image = tmp_path / "x.png"
+    image.write_bytes((world.root / "images" / "test").glob("*/image.png").__next__().read_bytes())
+    return subprocess.Popen([sys.executable, "sample.py", "--run", str(world.run), "--image", str(image), "--chat"],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_chat_ends_cleanly_at_ctrl_d(world, tmp_path):
+    p = chat_process(world, tmp_path)
+    out, err = p.communicate("What is it?\n", timeout=120)  # then the end of input: Ctrl-D
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "(an empty line, Ctrl-D or Ctrl-C ends the chat)" in out and out.count("you> ") == 2
+    assert out.endswith("\n")  # the shell's prompt starts a line of its own
+
+
+def test_chat_ends_cleanly_at_ctrl_c(world, tmp_path):
+    p = chat_process(world, tmp_path)
+    seen = ""
+    while "you> " not in seen:  # waiting for a line: now a real Ctrl-C
+        ch = p.stdout.read(1)
+        assert ch, p.stderr.read()
+        seen += ch
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert (seen + out).endswith("\n")

@@ -1,5 +1,6 @@
 """train.py: the MMT loop on a tiny shapes set (files in the official formats), CPU, Gloo."""
 import builtins
+import dataclasses
 import io
 import json
 import math
@@ -358,3 +359,64 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
     for n in g_eager:
         torch.testing.assert_close(g_fused[n], g_eager[n], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silent
+
+def test_ctrl_c_saves_the_step_and_says_how_to_resume(tiny_set, tmp_path):
+    """A real SIGINT to `python train.py`: the step in progress ends, checkpoint.pth holds it, one
+    line gives the --resume command, the exit status is 130; the command then continues the run."""
+    out = tmp_path / "run"
+    args = ["--data_path", str(tiny_set), "--output_dir", str(out), "--epochs", "200", "--batch_size", "4",
+            "--effective_batch", "8", "--skip_eval"]
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 4):
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    steps = losses(out)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == len(steps) >= 4 and len(steps) < 600  # stopped early, nothing after the save
+    line = err.strip().splitlines()[-1]
+    assert f"holds step {len(steps)} of 600" in line and f"--resume {out / 'checkpoint.pth'}" in line
+    command = line.split("continue with")[1].split()  # python train.py ... --resume .../checkpoint.pth
+    r = run_cli(*command[2:], "--max_steps", str(len(steps) + 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == \
+        list(range(1, len(steps) + 3))
+
+
+def test_a_second_run_into_a_used_folder_is_refused(tiny_set, tmp_path):
+    out = tmp_path / "run"
+    train.main(config(tiny_set, out, max_steps=2))
+    with pytest.raises(UsageError, match=f"{out} already holds a run .*--resume {out / 'checkpoint.pth'}.*--output_dir"):
+        train.main(config(tiny_set, out, max_steps=1))
+    assert len(losses(out)) == 2  # untouched
+    train.main(config(tiny_set, out, max_steps=1, overwrite=True))
+    assert len(losses(out)) == 1  # a new log, not one appended to the old
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tiny_set, tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not a checkpoint")
+    r = run_cli("--data_path", str(tiny_set), "--output_dir", str(tmp_path / "out"), "--resume", str(bad))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "not a readable checkpoint" in lines[0], r.stderr
+
+
+def test_a_mistyped_shapes_folder_is_an_error_not_a_new_set(tmp_path):
+    r = run_cli("--dataset", "shapes", "--data_path", str(tmp_path / "shapez"), "--output_dir", str(tmp_path / "o"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and f"no shapes set in {tmp_path / 'shapez'}" in lines[0], r.stderr
+    assert not (tmp_path / "shapez").exists()
+
+
+def test_every_flag_has_its_help():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for f in dataclasses.fields(TrainConfig):
+        after = r.stdout.split(f"--{f.name}", 2)[-1].split("\n  --")[0]  # the flag's entry in the options list
+        assert len(after.split()) >= 3, f"--{f.name} has no help: {after!r}"
