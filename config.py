@@ -69,7 +69,7 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     "chatbot-7b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-7b"], clip_path="weights/ViT-L-14.pt",
                        epochs=15, warmup_epochs=0.2, temperature=10.0),
     # The laptop demo: tiny backbones inside data/shapes, the paper's recipe (lr, batch, warm-up
-    # then cosine) on two CPU cores in three minutes: 10 epochs of 3,600 problems, answer only
+    # then cosine) on two CPU cores in three minutes: 10 epochs of 3,588 problems, answer only
     # (QCM-A: the tiny LLaMA never read lectures, and learning them through 44k adapter weights
     # costs the answers). The 20 epochs of 1,800 problems tried before learnt the training
     # pictures by heart (image questions: 56% on test).

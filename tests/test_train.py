@@ -254,7 +254,8 @@ def _nan_worker(rank, world, init_file, results):
         same = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         batch["images"] = torch.nan_to_num(batch["images"])
         second = train.train_step(ddp, [batch], opt, None, autocast, torch.device("cpu"), world)
-        moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and \
+            all(torch.isfinite(model.state_dict()[k]).all() for k in before)  # moved, and to numbers
         results.put((rank, first, same, second, moved))
     finally:
         dist.destroy_process_group()
