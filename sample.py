@@ -26,7 +26,7 @@ import data
 from data.instruct import instruction_prompt
 from data.scienceqa import DataError
 from evaluate import evaluate_split
-from generate import ContextTooLong, Stream, StaticDecoder, cache_dtype, decode, prefill_embeddings
+from generate import ContextTooLong, StaticDecoder, Stream, cache_dtype, decode, prefill_embeddings
 from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from router import IMAGE, TEXT

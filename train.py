@@ -484,7 +484,9 @@ def finish(run: Run, loss: float) -> dict:
     if run.skipped:
         run.say(f"warning: {run.skipped} step(s) had a NaN or inf loss and were skipped on every rank")
     result = {"steps": run.step, "loss": loss, "skipped": run.skipped, "eval": None, "model": run.model}
-    if not cfg.skip_eval:
+    if not cfg.skip_eval and cfg.dataset not in data.EVAL_DATASETS:
+        run.say(f"note: {cfg.dataset} has no evaluation yet; the adapters are in {out / 'adapters.pth'}")
+    elif not cfg.skip_eval:
         task = data.evaluation(cfg.dataset, cfg.data_path, cfg.eval_split, run.tok, prompt_format=cfg.prompt_format,
                                image_mode=cfg.image_mode, resolution=run.model.visual.resolution)
         result["eval"] = evaluate_split(
@@ -495,7 +497,7 @@ def finish(run: Run, loss: float) -> dict:
                 log.write(json.dumps({"eval": result["eval"]}) + "\n")
             show_samples(cfg, out, task)
     run.say(f"wrote {out / 'log.jsonl'}, {out / 'checkpoint.pth'}, {out / 'adapters.pth'}"
-            + ("" if cfg.skip_eval else f", {out / 'results.json'}"))
+            + (f", {out / 'results.json'}" if result["eval"] else ""))
     return result
 
 
