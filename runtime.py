@@ -44,10 +44,11 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def busy_cores_note(device: torch.device) -> str:
-    """cpu_threads(device), and a line to tell the user when it chose 1 thread ("" otherwise)."""
+    """cpu_threads(device), and a line to tell the user when it chose fewer threads ("" otherwise)."""
     n = torch.get_num_threads()
-    if cpu_threads(device) < n:
-        return (f"the CPU's cores are busy with other work: torch runs on 1 thread instead of {n} "
+    threads = cpu_threads(device)
+    if threads < n:
+        return (f"the CPU's cores are busy with other work: torch runs on {threads} thread(s) instead of {n} "
                 f"(OMP_NUM_THREADS=N chooses)")
     return ""
 
@@ -59,7 +60,8 @@ def cpu_threads(device: torch.device) -> int:
     n = torch.get_num_threads()
     if device.type != "cpu" or n == 1 or "OMP_NUM_THREADS" in os.environ:
         return n
-    threads = free_cores(len(os.sched_getaffinity(0)), others_running(), n)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or n  # macOS has none
+    threads = free_cores(cores, others_running(), n)
     if threads != n:
         torch.set_num_threads(threads)
     return threads

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -508,7 +509,8 @@ if __name__ == "__main__":
     except (UsageError, FileNotFoundError, data.scienceqa.DataError) as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:
-        print(e, file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank stopped, one says how to go on
+            print(e, file=sys.stderr)
         sys.exit(130)  # as a shell reports a command stopped by SIGINT
     except KeyboardInterrupt:  # outside the loop (loading, evaluating), or a second Ctrl-C while saving
         print("\ninterrupted (checkpoint.pth, if any, is the last one completed)", file=sys.stderr)

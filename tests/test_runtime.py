@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import cpu_threads, free_cores, others_running, pick_dtype
+from runtime import busy_cores_note, cpu_threads, free_cores, others_running, pick_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,8 @@ def test_busy_processes_are_seen_and_leave_one_thread():
         assert others_running() >= before + len(busy) - 1
         assert cpu_threads(torch.device("cpu")) == 1 and torch.get_num_threads() == 1
         assert cpu_threads(torch.device("cuda")) == 1  # a GPU run's threads are left as they are
+        torch.set_num_threads(n)
+        assert f"torch runs on 1 thread(s) instead of {n}" in busy_cores_note(torch.device("cpu"))
     finally:
         for p in busy:
             p.kill()
