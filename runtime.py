@@ -1,5 +1,6 @@
 """What every entry point sets up the same way: the CPU's threads, torchrun's processes, the
-precision, and the one kind of error a user sees as a single line.
+precision, Ctrl-C as a request to stop (training), and the one kind of error a user sees as a
+single line.
 
 CPU threads. torch splits each op over one thread per core, and the threads meet at the end of
 it. On cores shared with other work, a partner thread that was descheduled keeps the others
@@ -10,6 +11,8 @@ other: README), so `cpu_threads` looks, when a run starts, at how many other tas
 and keeps a thread for each core they leave free.
 """
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -41,6 +44,43 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+class Interrupted(Exception):
+    """A training run stopped on Ctrl-C (or SIGTERM) after saving: the message says how to continue."""
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (torchrun passes Ctrl-C on as one) as a request: the step in
+    progress finishes, every rank stops after the same step and the checkpoint is saved. A
+    second signal stops at once; checkpoint.pth stays whole (atomic_save renames a finished file)."""
+
+    asked = False
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach only that thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def agreed(self, world: int, device) -> bool:
+        """Whether any rank was asked to stop: all of them must stop after the same step."""
+        if world == 1:
+            return self.asked
+        flag = torch.tensor(float(self.asked), device=device)
+        dist.all_reduce(flag)
+        self.asked = bool(flag.item())
+        return self.asked
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def busy_cores_note(device: torch.device) -> str:

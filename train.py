@@ -28,9 +28,7 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from config import ARCHITECTURE, TrainConfig, check_inputs, check_output, lavin_
 from data.batching import IGNORE_INDEX
 from evaluate import evaluate_split
 from lavin import LaVIN, atomic_save, build_preset, load_lavin, save_adapters, summary
-from runtime import UsageError, busy_cores_note, pick_dtype, setup_distributed
+from runtime import Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, setup_distributed
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -257,8 +255,8 @@ def main(cfg: TrainConfig, notes=()) -> dict:
     """Train (and evaluate) as cfg says; returns {"steps", "loss", "skipped", "eval", "model"}."""
     cfg = resolve(cfg)
     rank, world, device = setup_distributed(cfg.device)
-    threads = busy_cores_note(device)  # the CPU threads of this process, said when fewer than cores
-    for note in [*notes, threads] if rank == 0 else ():
+    threads_note = busy_cores_note(device)  # the CPU threads of this process, said when fewer than cores
+    for note in [*notes, threads_note] if rank == 0 else ():
         if note:
             print(f"note: {note}")
     if cfg.dry_run:
@@ -370,7 +368,6 @@ def train_loop(run: Run) -> float:
     bar = tqdm(total=run.stop, initial=run.step, desc="training", unit="step", disable=run.rank != 0,
                dynamic_ncols=True)
     run.model.train()
-    loss = float("nan")
     with StopRequest() as stop:
         loss = epochs(run, log, bar, stop)
     bar.close()
@@ -384,7 +381,7 @@ def train_loop(run: Run) -> float:
     return loss
 
 
-def epochs(run: Run, log, bar, stop: "StopRequest") -> float:
+def epochs(run: Run, log, bar, stop: StopRequest) -> float:
     """The steps of train_loop; returns after run.stop, or after the step in progress when a stop
     was asked for (the checkpoint then saved)."""
     cfg = run.cfg
@@ -431,42 +428,6 @@ def epochs(run: Run, log, bar, stop: "StopRequest") -> float:
             if stopping:
                 return loss
     return loss
-
-
-class Interrupted(Exception):
-    """The run stopped on Ctrl-C (or SIGTERM) after saving: the message says how to continue."""
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (torchrun passes Ctrl-C on as one) as a request: the step in
-    progress finishes, every rank stops after the same step and the checkpoint is saved. A
-    second signal stops at once; checkpoint.pth stays whole (atomic_save renames a finished file)."""
-
-    asked = False
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # signals reach only that thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-
-    def agreed(self, world: int, device) -> bool:
-        """Whether any rank was asked to stop: all of them must stop after the same step."""
-        if world == 1:
-            return self.asked
-        flag = all_sum(torch.tensor(float(self.asked), device=device))
-        self.asked = bool(flag.item())
-        return self.asked
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def open_log(path: Path, step: int, resumed: bool):
