@@ -19,9 +19,11 @@ from runtime import UsageError, field_help
 @dataclass
 class TrainConfig:
     # what to train on
-    dataset: str = "shapes"  # scienceqa | shapes | instruct
-    preset: str = ""  # lavin-7b | lavin-13b | chatbot-7b | shapes; "" = the dataset's own recipe
-    data_path: str = ""  # "" = data/{dataset}; the shapes folder also holds its tiny backbones
+    dataset: str = "shapes"  # scienceqa | shapes | instruct | shapes-chat (the chatbot's data at laptop size)
+    preset: str = ""  # lavin-7b | lavin-13b | chatbot-7b | chatbot-13b | shapes | shapes-chat; "" = the dataset's
+    data_path: str = ""  # "" = data/{dataset}; the shapes folders also hold their tiny backbones
+    coco_root: str = ""  # instruct: the folder of COCO_train2014_*.jpg; "" = {data_path}/train2014
+    instruct_mode: str = "recipe"  # instruct: recipe (each question/answer pair alone, LaVIN's) | multiturn
     llama_path: str = ""  # LLaMA folder (Meta or Hugging Face layout); "" = the preset's default
     clip_path: str = ""  # OpenAI CLIP checkpoint; "" = the preset's default
     output_dir: str = ""  # "" = out/{preset}, and -no_visual / -no_router for the ablations
@@ -59,7 +61,7 @@ class TrainConfig:
     eval_batch_size: int = 16  # prompts per batch in that evaluation
 
 
-WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b"}
+WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b", "vicuna-13b": "weights/vicuna-13b"}
 PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     "lavin-7b": dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt",
                      temperature=10.0),
@@ -68,6 +70,9 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     # LaVIN's chatbot: Vicuna, Alpaca-52k + LLaVA-Instruct, 15 epochs, 0.2 warm-up epochs
     "chatbot-7b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-7b"], clip_path="weights/ViT-L-14.pt",
                        epochs=15, warmup_epochs=0.2, temperature=10.0),
+    # vl_instruction_tuning for 13B: 8 GPUs x batch 4 (the effective 32), temperature 5
+    "chatbot-13b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-13b"], clip_path="weights/ViT-L-14.pt",
+                        epochs=15, warmup_epochs=0.2, temperature=5.0),
     # The laptop demo: tiny backbones inside data/shapes, the paper's recipe (lr, batch, warm-up
     # then cosine) on two CPU cores in three minutes: 10 epochs of 3,588 problems, answer only
     # (QCM-A: the tiny LLaMA never read lectures, and learning them through 44k adapter weights
@@ -75,9 +80,14 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     # pictures by heart (image questions: 56% on test).
     "shapes": dict(dataset="shapes", batch_size=16, max_seq_len=256, prompt_format="QCM-A", eval_batch_size=64,
                    epochs=10, warmup_epochs=1.0),
+    # The chatbot demo: the tiny Vicuna inside data/shapes-chat, the chatbot recipe's schedule
+    # shortened to minutes on two CPU cores.
+    "shapes-chat": dict(dataset="shapes-chat", batch_size=16, max_seq_len=256, eval_batch_size=64, epochs=4,
+                        warmup_epochs=0.5),
 }
-DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b"}
-ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "chatbot-7b": "lavin-7b"}  # lavin.PRESETS, for --dry_run
+DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b", "shapes-chat": "shapes-chat"}
+ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "chatbot-7b": "lavin-7b",
+                "chatbot-13b": "lavin-13b"}  # lavin.PRESETS, for --dry_run
 
 
 def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
@@ -115,17 +125,20 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the paths left empty with their defaults, and check the values."""
     preset = preset_of(cfg.dataset, cfg.preset)
     data_path = cfg.data_path or data.DEFAULT_ROOTS[cfg.dataset]
-    shapes = cfg.dataset == "shapes"
+    tiny = {"shapes": "llama", "shapes-chat": "vicuna"}.get(cfg.dataset)  # the LLaMA folder in the set
     ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router  # never over the full run
     cfg = dataclasses.replace(
         cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",
-        llama_path=cfg.llama_path or (f"{data_path}/llama" if shapes else PRESETS[preset].get("llama_path", "")),
-        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if shapes else PRESETS[preset].get("clip_path", "")))
+        llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else PRESETS[preset].get("llama_path", "")),
+        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else PRESETS[preset].get("clip_path", "")),
+        coco_root=cfg.coco_root or (f"{data_path}/train2014" if cfg.dataset in data.CHAT_DATASETS else ""))
     for name in ("epochs", "batch_size", "effective_batch", "max_seq_len", "adapter_dim", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.accum_iter < 0 or cfg.max_steps < 0 or cfg.blr <= 0 or cfg.temperature <= 0:
         raise UsageError("--accum_iter and --max_steps must be >= 0, --blr and --temperature > 0")
+    if cfg.instruct_mode not in data.instruct.MODES:
+        raise UsageError(f"unknown --instruct_mode {cfg.instruct_mode!r}: use one of {', '.join(data.instruct.MODES)}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"unknown precision {cfg.precision!r}: use auto, bf16, fp16 or fp32")
     if not 0 <= cfg.adapter_dropout < 1 or not 0 <= cfg.warmup_epochs <= cfg.epochs:
@@ -156,8 +169,10 @@ def check_inputs(cfg: TrainConfig):
                          f"download; pass --data_path")
     if cfg.dataset == "instruct" and not (root / data.instruct.ALPACA).is_file():
         raise UsageError(f"no instruction data in {root}: expected {data.instruct.ALPACA} (Alpaca) and "
-                         f"{', '.join(data.instruct.LLAVA)} (LLaVA-Instruct), COCO train2014 images in "
-                         f"{data.instruct.DEFAULT_COCO_ROOT}; pass --data_path")
+                         f"{', '.join(data.instruct.LLAVA)} (LLaVA-Instruct); pass --data_path")
+    if cfg.dataset in data.CHAT_DATASETS and not Path(cfg.coco_root).is_dir():
+        raise UsageError(f"no COCO train2014 folder at {cfg.coco_root}: LLaVA-Instruct's pictures are COCO's "
+                         f"(COCO_train2014_*.jpg from cocodataset.org); pass --coco_root")
 
 
 def lavin_args(cfg: TrainConfig) -> LaVINArgs:

@@ -8,12 +8,14 @@ let the dataset score them.
            ─> output_dir: results.json (result + decode steps), outputs.json (the texts), files
               (ScienceQA: preds.json), and the table printed
 
-What a task provides (data/table.py's Evaluation is ScienceQA's and the shapes set's):
+What a task provides (ScienceQA's and the shapes set's in data/table.py, MME's in data/mme.py,
+held-out text instructions' in data/instruct.py):
     task.name, task.split      what is evaluated (for the result)
     task.dataset               a TokenizedDataset: .samples (pid, turns, image path), .load_image
     task.stop(text) -> bool    True once the answer can no longer change (early stop)
     task.score(texts) -> (result dict, {file name: JSON object})
     task.table(result) -> str  what is printed
+    task.max_new_tokens        optional: the benchmark's own cap on new tokens (MME: 20)
 Adding a dataset's evaluation means writing such a task in its data module, not changing this loop.
 """
 from __future__ import annotations
@@ -83,6 +85,7 @@ def evaluate_split(model: LaVIN, tokenizer, task, *, output_dir: str, batch_size
     """Evaluate the task across all ranks; rank 0 scores the gathered texts, writes results.json,
     outputs.json ({pid: text}) and the task's own files into output_dir, prints the table and
     returns the result (None on the other ranks)."""
+    max_new_tokens = min(max_new_tokens, getattr(task, "max_new_tokens", max_new_tokens))  # MME: 20
     stats = {}
     texts = evaluate(model, tokenizer, task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      early_stop=early_stop, rank=rank, world_size=world_size, device=device,

@@ -4,6 +4,7 @@
         --prompt "Question: Which color is the shape?\\nContext: N/A\\nOptions: (A) red (B) blue\\nResponse:"
     python sample.py --llama_path weights/vicuna-7b --clip_path weights/ViT-L-14.pt --adapters a.pth --image cat.jpg
     python sample.py --run out/shapes                          # evaluate the run on its test split
+    python sample.py --run out/shapes-chat --dataset mme --data_path MME_Benchmark_release_version
     torchrun --nproc_per_node 8 sample.py --dataset scienceqa --adapters checkpoint-19.pth \\
         --llama_path weights/7B --clip_path weights/ViT-L-14.pt
 
@@ -52,13 +53,13 @@ class SampleConfig:
     max_new_tokens: int = 64  # new tokens per answer at most
     fold: bool = True  # fold the one modality's routing into the weights (prompt, chat): plain LLaMA's cost
     # evaluation
-    dataset: str = ""  # scienceqa | shapes: evaluate on --split ("" with --run: the run's dataset)
-    split: str = "test"  # the split --dataset evaluates
-    data_path: str = ""  # "" = the run's, else data/{dataset}
+    dataset: str = ""  # scienceqa | shapes | mme | alpaca (held-out text instructions); "" with --run: the run's
+    split: str = "test"  # the split --dataset evaluates (alpaca: alpaca_{split}.json; MME has none)
+    data_path: str = ""  # "" = the run's (a chat run's mme/ for mme), else data/{dataset}
     prompt_format: str = ""  # "" = the run's, else QCM-ALE
-    output_dir: str = ""  # "" = {run}/eval-{split}, else out/eval/{dataset}-{split}
+    output_dir: str = ""  # "" = {run}/eval-{split} (mme, alpaca: eval-{dataset}), else out/eval/{dataset}-{split}
     batch_size: int = 16  # prompts per batch in an evaluation
-    early_stop: bool = True  # end a row at "The answer is X." (--no-early_stop: every token, as the reference)
+    early_stop: bool = True  # end a row once its answer is read ("The answer is X.", MME's first word) or at EOS
     # the machine
     max_seq_len: int = 0  # 0 = the run's, else 512 (the official evaluation's)
     image_mode: str = ""  # lavin | clip (see clip.preprocess); "" = the run's, else lavin
@@ -143,11 +144,18 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
         mode = "prompt"
     else:
         mode = "eval"
-        dataset = cfg.dataset or (trained_on if trained_on in data.EVAL_DATASETS else "")
+        chat_run = trained_on in data.CHAT_DATASETS
+        dataset = cfg.dataset or (trained_on if trained_on in data.EVAL_DATASETS else "mme" if chat_run else "")
         if not dataset:
-            raise UsageError("nothing to do: give --prompt, --image (a chat) or --dataset scienceqa|shapes")
-        own = run.get("data_path") if dataset == trained_on else ""  # the run's copy of this dataset
-        out = f"{cfg.run}/eval-{cfg.split}" if cfg.run else f"out/eval/{dataset}-{cfg.split}"
+            raise UsageError(f"nothing to do: give --prompt, --image (a chat) or --dataset "
+                             f"{'|'.join(data.EVAL_DATASETS)}")
+        own = ""  # the run's copy of this dataset
+        if dataset == trained_on or (chat_run and dataset == "alpaca"):
+            own = run.get("data_path")
+        elif chat_run and dataset == "mme" and run.get("data_path") and Path(run["data_path"], "mme").is_dir():
+            own = f"{run['data_path']}/mme"
+        where = dataset if dataset in ("mme", "alpaca") else cfg.split
+        out = f"{cfg.run}/eval-{where}" if cfg.run else f"out/eval/{dataset}" + (f"-{where}" if where != dataset else "")
         cfg = dataclasses.replace(cfg, dataset=dataset, output_dir=cfg.output_dir or out,
                                   data_path=cfg.data_path or own or data.DEFAULT_ROOTS[dataset])
     if cfg.dataset and mode != "eval":
@@ -158,7 +166,7 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
     if not cfg.llama_path or not cfg.clip_path:
         raise UsageError("give --llama_path and --clip_path, or --run OUT (a train.py output_dir)")
     if cfg.template == "auto":
-        cfg = dataclasses.replace(cfg, template="raw" if trained_on in data.EVAL_DATASETS else "instruction")
+        cfg = dataclasses.replace(cfg, template="raw" if trained_on in ("scienceqa", "shapes") else "instruction")
     return cfg, mode
 
 

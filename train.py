@@ -1,6 +1,7 @@
 """Mixture-of-Modality Training (paper, section 3.3): LaVIN's adapters learn, everything else stays frozen.
 
     python train.py --dataset shapes                        # the laptop run, everything defaulted
+    python train.py --dataset shapes-chat                   # the chatbot's laptop run, scored on MME
     torchrun --nproc_per_node 8 train.py --dataset scienceqa --preset lavin-7b \\
         --llama_path weights/7B --clip_path weights/ViT-L-14.pt --data_path data/scienceqa --output_dir out/lavin-7b
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
@@ -11,7 +12,8 @@
            DDP all-reduces the adapters' gradients (no_sync on the non-final micro-steps)
            AdamW, lr from the fractional epoch (warm-up, then half-cycle cosine to 0)
       └─ output_dir: log.jsonl (a line per step), checkpoint.pth (--resume), adapters.pth (sample.py),
-                     results.json + preds.json (the accuracy table, by evaluate.py)
+                     results.json + preds.json (the accuracy table, by evaluate.py; a chatbot:
+                     eval-mme/ and eval-alpaca/, when its data folder holds mme/ and alpaca_test.json)
 
 Read it from the bottom: main() runs setup() (inputs checked, model, data, optimizer, --resume),
 train_loop() (a train_step() per optimizer step, checkpoints) and finish() (the evaluation,
@@ -270,9 +272,9 @@ def main(cfg: TrainConfig, notes=()) -> dict:
 def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     """Check the inputs, load the backbones and fresh adapters, the data, the optimizer; restore
     a checkpoint with --resume. Everything that can fail on bad input fails here."""
-    if cfg.dataset == "shapes":  # generated on first use, by one process
+    if cfg.dataset in data.SYNTHETIC:  # generated on first use, by one process
         if rank == 0:
-            data.ensure_shapes(cfg.data_path)
+            data.ensure(cfg.dataset, cfg.data_path)
         if dist.is_initialized():
             dist.barrier()
     check_inputs(cfg)
@@ -286,7 +288,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     dtype = pick_dtype(cfg.precision, device)
     model, tok = build_model(cfg, device, dtype)
     ds = data.build_dataset(cfg.dataset, cfg.data_path, "train", tok, prompt_format=cfg.prompt_format,
-                            max_seq_len=cfg.max_seq_len, reserve=model.n_inserted, image_mode=cfg.image_mode,
+                            instruct_mode=cfg.instruct_mode, coco_root=cfg.coco_root, max_seq_len=cfg.max_seq_len, reserve=model.n_inserted, image_mode=cfg.image_mode,
                             resolution=model.visual.resolution)
     n_bad = check_images(ds, cfg.skip_bad_images, rank, world)
     if n_bad and rank == 0:
@@ -439,27 +441,48 @@ def open_log(path: Path, step: int, resumed: bool):
     return open(path, "a" if resumed else "w")
 
 
+def evaluations(cfg: TrainConfig) -> list[tuple[str, str, str, Path]]:
+    """(dataset, root, split, output folder) of each evaluation at the end of a run: the test split
+    of a ScienceQA-format set; for the chatbot, the MME set and the held-out text instructions
+    that its data folder holds (the shapes-chat set has both)."""
+    out = Path(cfg.output_dir)
+    if cfg.dataset not in data.CHAT_DATASETS:
+        return [(cfg.dataset, cfg.data_path, cfg.eval_split, out)]
+    found = [("mme", f"{cfg.data_path}/mme", "", out / "eval-mme")] if Path(cfg.data_path, "mme").is_dir() else []
+    if Path(cfg.data_path, f"alpaca_{cfg.eval_split}.json").is_file():
+        found.append(("alpaca", cfg.data_path, cfg.eval_split, out / "eval-alpaca"))
+    return found
+
+
 def finish(run: Run, loss: float) -> dict:
-    """The end of a run: the skipped-step warning, the evaluation of --eval_split (a line in
-    log.jsonl, results.json and the rest), samples.png and the next command to try."""
+    """The end of a run: the skipped-step warning, the evaluations (a line each in log.jsonl,
+    results.json and the rest), samples.png and the next command to try."""
     cfg, out = run.cfg, run.out
     if run.skipped:
         run.say(f"warning: {run.skipped} step(s) had a NaN or inf loss and were skipped on every rank")
     result = {"steps": run.step, "loss": loss, "skipped": run.skipped, "eval": None, "model": run.model}
-    if not cfg.skip_eval and cfg.dataset not in data.EVAL_DATASETS:
-        run.say(f"note: {cfg.dataset} has no evaluation yet; the adapters are in {out / 'adapters.pth'}")
-    elif not cfg.skip_eval:
-        task = data.evaluation(cfg.dataset, cfg.data_path, cfg.eval_split, run.tok, prompt_format=cfg.prompt_format,
+    found = [] if cfg.skip_eval else evaluations(cfg)
+    if not cfg.skip_eval and not found:
+        run.say(f"note: {cfg.data_path} holds no evaluation set (mme/, alpaca_{cfg.eval_split}.json); score the "
+                f"chatbot with  python sample.py --run {out} --dataset mme --data_path <MME folder>")
+    evals = {}
+    for name, root, split, folder in found:
+        task = data.evaluation(name, root, split, run.tok, prompt_format=cfg.prompt_format,
                                image_mode=cfg.image_mode, resolution=run.model.visual.resolution)
-        result["eval"] = evaluate_split(
-            run.model, run.tok, task, output_dir=str(out), batch_size=cfg.eval_batch_size, rank=run.rank,
+        evals[name] = evaluate_split(
+            run.model, run.tok, task, output_dir=str(folder), batch_size=cfg.eval_batch_size, rank=run.rank,
             world_size=run.world, device=run.device, autocast_dtype=None if run.dtype == torch.float32 else run.dtype)
         if run.rank == 0:
             with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps({"eval": result["eval"]}) + "\n")
-            show_samples(cfg, out, task)
-    run.say(f"wrote {out / 'log.jsonl'}, {out / 'checkpoint.pth'}, {out / 'adapters.pth'}"
-            + (f", {out / 'results.json'}" if result["eval"] else ""))
+                log.write(json.dumps({"eval": evals[name]}) + "\n")
+            if name in ("scienceqa", "shapes"):
+                show_samples(cfg, out, task)
+    # a ScienceQA-format run's table; a chatbot's {"mme": ..., "alpaca": ...}
+    result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(cfg.dataset)
+    if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:
+        print(f"talk to it:  python sample.py --run {out} --image <picture> --chat")
+    written = [str(folder / "results.json") for *_, folder in found if run.rank == 0]
+    run.say(f"wrote {', '.join([str(out / 'log.jsonl'), str(out / 'checkpoint.pth'), str(out / 'adapters.pth'), *written])}")
     return result
 
 

@@ -4,6 +4,7 @@
     build_dataset("shapes", root, split, tokenizer)     synthetic set in ScienceQA's layout,
                                                         read by the very same reader
     build_dataset("instruct", root, "train", tokenizer) LLaVA-Instruct + Alpaca (the chatbot)
+    build_dataset("shapes-chat", root, "train", tok)    synthetic set in their formats, same reader
         │
         ▼  scienceqa.load_samples / instruct.load_samples -> [Sample] (validated up front)
     batching.TokenizedDataset: items {"pid", "tokens", "labels", "image" | None};
@@ -14,6 +15,10 @@
     ds = build_dataset("scienceqa", None, "train", tokenizer, max_seq_len=512, reserve=n_extra)
     sampler = LengthGroupedBatchSampler(ds.lengths, 4, rank=rank, world_size=world, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
+
+    evaluation(name, root, split, tokenizer) -> the task evaluate.py runs: scienceqa / shapes (the
+    accuracy table, data/table.py), mme (yes/no questions, data/mme.py), alpaca (held-out text-only
+    instructions, data/instruct.py)
 """
 from __future__ import annotations
 
@@ -24,50 +29,56 @@ from data import instruct, scienceqa
 from data.batching import (IGNORE_INDEX, PAD_ID, Collator, LengthGroupedBatchSampler, Sample, SkipBatches,
                            TokenizedDataset, encode_turns)
 
-DATASETS = ("scienceqa", "shapes", "instruct")
-EVAL_DATASETS = ("scienceqa", "shapes")  # those with an evaluation (evaluate.py)
-DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "instruct": instruct.DEFAULT_ROOT}
+DATASETS = ("scienceqa", "shapes", "instruct", "shapes-chat")  # what train.py trains on
+CHAT_DATASETS = ("instruct", "shapes-chat")  # the chatbot's instruction data (data/instruct.py's reader)
+EVAL_DATASETS = ("scienceqa", "shapes", "mme", "alpaca")  # those with an evaluation (evaluate.py)
+DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "instruct": instruct.DEFAULT_ROOT,
+                 "shapes-chat": "data/shapes-chat", "mme": "data/mme", "alpaca": instruct.DEFAULT_ROOT}
+SYNTHETIC = {"shapes": ("data.shapes", "problems.json"), "shapes-chat": ("data.shapes_chat", "alpaca_data.json")}
 
-__all__ = ["build_dataset", "evaluation", "DATASETS", "EVAL_DATASETS", "IGNORE_INDEX", "PAD_ID", "Collator",
+__all__ = ["build_dataset", "evaluation", "ensure", "DATASETS", "CHAT_DATASETS", "EVAL_DATASETS", "IGNORE_INDEX", "PAD_ID", "Collator",
            "LengthGroupedBatchSampler", "Sample", "SkipBatches", "TokenizedDataset", "encode_turns"]
 
 
-def ensure_shapes(root: str) -> None:
-    """The synthetic set: written on first use into the default folder (a mistyped --data_path
-    gets an error, not a new 22 MB set)."""
-    if os.path.isfile(os.path.join(root, "problems.json")):
+def ensure(name: str, root: str) -> None:
+    """A synthetic set (shapes, shapes-chat): written on first use into its default folder (a
+    mistyped --data_path gets an error, not a new set)."""
+    if name not in SYNTHETIC:
         return
-    if os.path.normpath(root) != os.path.normpath(DEFAULT_ROOTS["shapes"]):
-        raise FileNotFoundError(f"no shapes set in {root}: only the default {DEFAULT_ROOTS['shapes']} is written "
-                                f"on first use; write one there with  python -m data.shapes --root {root}")
-    shapes = importlib.import_module("data.shapes") if importlib.util.find_spec("data.shapes") else None
-    if shapes is None or not hasattr(shapes, "ensure"):
-        raise FileNotFoundError(f"no synthetic set in {root}: run  python -m data.shapes --root {root}")
-    shapes.ensure(root)
+    module, marker = SYNTHETIC[name]
+    if os.path.isfile(os.path.join(root, marker)):
+        return
+    if os.path.normpath(root) != os.path.normpath(DEFAULT_ROOTS[name]):
+        raise FileNotFoundError(f"no {name} set in {root}: only the default {DEFAULT_ROOTS[name]} is written "
+                                f"on first use; write one there with  python -m {module} --root {root}")
+    found = importlib.import_module(module) if importlib.util.find_spec(module) else None
+    if found is None or not hasattr(found, "ensure"):
+        raise FileNotFoundError(f"no synthetic set in {root}: run  python -m {module} --root {root}")
+    found.ensure(root)
 
 
 def build_dataset(name: str, root: str | None, split: str, tokenizer, *,
                   prompt_format: str = scienceqa.DEFAULT_FORMAT, use_caption: bool = False,
-                  instruct_mode: str = "recipe", coco_root: str = instruct.DEFAULT_COCO_ROOT,
+                  instruct_mode: str = "recipe", coco_root: str = "",
                   max_seq_len: int | None = None, reserve: int = 0, image_mode: str = "lavin",
                   resolution: int = 224, image_loader=None, check_images: bool = True) -> TokenizedDataset:
     """A tokenised torch Dataset; bad input raises here, naming the file or the pid.
 
     root None -> the dataset's default folder. ScienceQA/shapes options: prompt_format,
-    use_caption. instruct options: instruct_mode ("recipe" | "multiturn"), coco_root; its only
-    split is "train". max_seq_len/reserve: see TokenizedDataset. image_mode, resolution: passed
+    use_caption. instruct / shapes-chat options: instruct_mode ("recipe" | "multiturn"), coco_root
+    ("" = {root}/train2014); their only split is "train". max_seq_len/reserve: see TokenizedDataset. image_mode, resolution: passed
     to clip.preprocess ("lavin" matches the released weights, "clip" is CLIP's own).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     root = root or DEFAULT_ROOTS[name]
-    if name == "instruct":
+    ensure(name, root)
+    if name in CHAT_DATASETS:
         if split != "train":
             raise ValueError(f"the instruction data has only a 'train' split, not {split!r}")
-        samples = instruct.load_samples(root, coco_root, instruct_mode, check_images)
+        samples = instruct.load_samples(root, coco_root or os.path.join(root, "train2014"), instruct_mode,
+                                        check_images)
     else:
-        if name == "shapes":
-            ensure_shapes(root)
         samples = scienceqa.load_samples(root, split, prompt_format, use_caption, check_images)
     return TokenizedDataset(samples, tokenizer, max_seq_len=max_seq_len, reserve=reserve,
                             image_mode=image_mode, resolution=resolution, image_loader=image_loader,
@@ -80,9 +91,12 @@ def evaluation(name: str, root: str | None, split: str, tokenizer, *, prompt_for
     stop, scoring and table. Bad input raises here, naming the file or the pid."""
     if name not in EVAL_DATASETS:
         raise ValueError(f"cannot evaluate on {name!r}: use one of {', '.join(EVAL_DATASETS)}")
-    from data import table
+    from data import mme, table
 
     root = root or DEFAULT_ROOTS[name]
-    if name == "shapes":
-        ensure_shapes(root)
+    if name == "mme":
+        return mme.Evaluation(root, tokenizer, image_mode=image_mode, resolution=resolution)
+    if name == "alpaca":
+        return instruct.TextEvaluation(root, split, tokenizer)
+    ensure(name, root)
     return table.Evaluation(name, root, split, tokenizer, prompt_format, image_mode=image_mode, resolution=resolution)

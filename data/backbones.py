@@ -9,6 +9,9 @@ ships its output (data/shapes_backbones, 2.5 MB) so a first run does not wait fo
         text problems:  [BOS] "Image: N/A" question, context, options -> "The answer is X."
         image problems: [BOS] "Image: A red circle." question, options -> "The answer is X."
     random scenes ──AdamW, attribute classification──> clip/ViT-tiny.pt (fp16, `visual.` keys)
+    llama/ + instructions ──AdamW, all weights──> vicuna/ (bf16): the chatbot's backbone, as
+        Vicuna is a LLaMA instruction-tuned (data/shapes_chat.py's questions, "Instruction: ...
+        \nResponse:", a picture read as its caption; a third text-only, some conversations)
 
 The LLaMA reads *descriptions* of pictures (as a real one has read alt texts and captions) but has
 never seen a picture: given LaVIN's "Image: N/A" it is at chance on image problems, and only
@@ -16,7 +19,8 @@ the visual tokens, the neck and the adapters can close that gap. backbones.json 
 each backbone learnt. Seeded, on one thread: the same seed gives the same bytes on one kind of
 CPU (float sums may differ across instruction sets).
 
-    python -m data.backbones --out DIR [--seed 0]     about 10 minutes (one thread)
+    python -m data.backbones --out DIR [--seed 0]     about 25 minutes (one thread)
+    python -m data.backbones --out DIR --add-vicuna   only vicuna/, from DIR's llama/ (15 minutes)
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import io
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from data import shapes
 
 # The letter binding (find the option that matches, say its letter) appears late, after ~1000 steps.
 LM_DIM, LM_LAYERS, LM_HEADS, LM_LR, LM_BATCH, LM_STEPS, ANSWER_WEIGHT = 96, 4, 8, 2e-3, 32, 2500, 5.0
+VICUNA_STEPS = 1000  # instruction tuning, batches of LM_BATCH
 CLIP_WIDTH, CLIP_LAYERS, CLIP_PATCH, CLIP_LR, CLIP_BATCH, CLIP_STEPS = 64, 12, 16, 1e-3, 64, 2000
 
 
@@ -109,18 +115,24 @@ def pretrain_llama(tok, corpus: list, steps: int, seed: int, quiet: bool):
     with torch.random.fork_rng():  # seed locally: the caller's random stream stays as it was
         torch.manual_seed(seed)
         model = Llama(args)
-        opt = torch.optim.AdamW(model.parameters(), lr=LM_LR, betas=(0.9, 0.95), weight_decay=0.0)
-        for step in progress(range(steps), "pre-training the tiny LLaMA", quiet):
-            tokens, targets, weights = lm_batch(data[step * LM_BATCH:(step + 1) * LM_BATCH])
-            for g in opt.param_groups:  # warm-up, hold (the binding is learnt late), decay to a tenth
-                g["lr"] = LM_LR * min((step + 1) / 30, 1.0, 0.1 + 0.9 * (steps - step) / (0.2 * steps))
-            loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), reduction="none")
-            loss = (loss * weights.flatten()).sum() / weights.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        fit(model, lambda step: lm_batch(data[step * LM_BATCH:(step + 1) * LM_BATCH]), steps,
+            "pre-training the tiny LLaMA", quiet)
     return model.eval()
+
+
+def fit(model, batch_at, steps: int, desc: str, quiet: bool) -> None:
+    """AdamW on the weighted next-token loss of batch_at(step) -> (tokens, targets, weights)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=LM_LR, betas=(0.9, 0.95), weight_decay=0.0)
+    for step in progress(range(steps), desc, quiet):
+        tokens, targets, weights = batch_at(step)
+        for g in opt.param_groups:  # warm-up, hold (the binding is learnt late), decay to a tenth
+            g["lr"] = LM_LR * min((step + 1) / 30, 1.0, 0.1 + 0.9 * (steps - step) / (0.2 * steps))
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (loss * weights.flatten()).sum() / weights.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
 
 
 def save_llama(model, folder: Path) -> None:
@@ -156,6 +168,108 @@ def answer_accuracy(model, tok, pairs: list) -> float:
             text = tok.decode(tokens[b, :lengths[b]].tolist())
             right += parse_answer(text[text.rindex("The answer is"):], len(p["choices"])) == p["answer"]
     return round(right / max(1, len(pairs)), 4)
+
+
+# ----------------------------------------------------------------------------- tiny Vicuna
+
+def chat_corpus(n: int, seed: int) -> list:
+    """n (caption or None, [(prompt, answer), ...]) in the chatbot's instruction template: a third
+    text-only instructions, the rest questions about a picture (read as its caption), a third of
+    those conversations of two or three turns."""
+    from data import shapes_chat
+    from data.instruct import alpaca_turn, instruction_prompt
+
+    rng = random.Random(seed + 15485863)
+    corpus = []
+    for i in range(n):
+        if i % 3 == 0:
+            corpus.append((None, [alpaca_turn(shapes_chat.text_instruction(rng))]))
+            continue
+        _, f = shapes_chat.picture(rng)
+        asks = [(rng.choice(shapes_chat.DESCRIBE), shapes_chat.caption(f))] if rng.random() < 0.2 else []
+        while len(asks) < (rng.randint(2, 3) if i % 3 == 2 else 1):
+            asks.append(shapes_chat.any_question(rng, f))
+        corpus.append((shapes_chat.caption(f), [(instruction_prompt(q), a) for q, a in asks]))
+    return corpus
+
+
+def chat_tokens(tok, caption: str | None, turns: list) -> tuple[list, list]:
+    """(ids, is_answer) as the chatbot's data is tokenised (data/batching.encode_turns), with the
+    caption where LaVIN puts the visual tokens."""
+    from data.batching import IGNORE_INDEX, encode_turns
+
+    ids, labels, _ = encode_turns(tok, turns)
+    image = tok.encode("Image: ", bos=False, eos=False) + tok.encode(caption, bos=False, eos=False) \
+        if caption else tok.encode("Image: N/A", bos=False, eos=False)
+    answer = [x != IGNORE_INDEX for x in labels]
+    return [ids[0], *image, *ids[1:]], [False, *[False] * len(image), *answer[1:]]
+
+
+def chat_batch(batch: list):
+    """Right-padded (tokens, targets, weights) for (ids, is_answer) pairs: the answers weigh more."""
+    T = max(len(ids) for ids, _ in batch) - 1
+    tokens = torch.zeros(len(batch), T, dtype=torch.long)
+    targets, weights = torch.zeros_like(tokens), torch.zeros(len(batch), T)
+    for b, (ids, answer) in enumerate(batch):
+        n = len(ids) - 1
+        tokens[b, :n], targets[b, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        weights[b, :n] = 1.0 + (ANSWER_WEIGHT - 1.0) * torch.tensor(answer[1:], dtype=torch.float)
+    return tokens, targets, weights
+
+
+@torch.no_grad()
+def chat_accuracy(model, tok, items: list, new_tokens: int = 16) -> float:
+    """Share of (caption or None, prompt, answer) whose greedy answer matches (instruct.normalise)."""
+    from data.instruct import normalise
+
+    right = 0
+    for i in range(0, len(items), 64):
+        chunk = items[i:i + 64]
+        seqs = [chat_tokens(tok, c, [(p, "")])[0][:-1] for c, p, _ in chunk]  # without the EOS
+        lengths = torch.tensor([len(s) for s in seqs])
+        tokens = torch.zeros(len(seqs), int(lengths.max()) + new_tokens, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            tokens[b, :len(s)] = torch.tensor(s)
+        rows = torch.arange(len(seqs))
+        for _ in range(new_tokens):
+            tokens[rows, lengths] = model(tokens)[rows, lengths - 1].argmax(-1)
+            lengths += 1
+        for b, (_, _, answer) in enumerate(chunk):
+            out = tokens[b, len(seqs[b]):lengths[b]].tolist()
+            out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+            right += normalise(tok.decode(out)) == normalise(answer)
+    return round(right / max(1, len(items)), 4)
+
+
+def build_vicuna(out: Path, seed: int = 0, steps: int = VICUNA_STEPS, quiet: bool = False,
+                 n_eval: int = 900) -> dict:
+    """out/vicuna: out/llama instruction-tuned on chat_corpus (all its weights, as Vicuna's), bf16;
+    its exact-match scores on n_eval held-out instructions are added to out/backbones.json."""
+    from model import Tokenizer, load_llama
+
+    t0 = time.time()
+    tok = Tokenizer(out / "tokenizer.model")
+    model, _ = load_llama(out / "llama")
+    data = [chat_tokens(tok, c, turns) for c, turns in chat_corpus(steps * LM_BATCH, seed)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        fit(model.train(), lambda step: chat_batch(data[step * LM_BATCH:(step + 1) * LM_BATCH]), steps,
+            "instruction-tuning the tiny LLaMA", quiet)
+    save_llama(model, out / "vicuna")
+    model, _ = load_llama(out / "vicuna")  # score what is shipped
+    held_out = [(c, *turns[0]) for c, turns in chat_corpus(n_eval, seed + 1)]
+    text = [x for x in held_out if x[0] is None]
+    image = [x for x in held_out if x[0] is not None]
+    summary = json.loads((out / "backbones.json").read_text()) if (out / "backbones.json").is_file() else {}
+    summary.update(vicuna_steps=steps, vicuna_exact_text=chat_accuracy(model.eval(), tok, text),
+                   vicuna_exact_image_caption=chat_accuracy(model, tok, image),
+                   vicuna_exact_image_no_caption=chat_accuracy(model, tok, [(None, p, a) for _, p, a in image]))
+    (out / "backbones.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not quiet:
+        print(f"tiny Vicuna: held-out exact answers: text {summary['vicuna_exact_text']:.1%}, image with its "
+              f"caption {summary['vicuna_exact_image_caption']:.1%}, without "
+              f"{summary['vicuna_exact_image_no_caption']:.1%} ({time.time() - t0:.0f}s)", flush=True)
+    return summary
 
 
 # ----------------------------------------------------------------------------- tiny CLIP
@@ -240,17 +354,18 @@ def pretrain_clip(path: Path, steps: int, seed: int, quiet: bool) -> dict:
 # ----------------------------------------------------------------------------- all of them
 
 def build(out: Path, seed: int = 0, lm_steps: int = LM_STEPS, clip_steps: int = CLIP_STEPS,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, vicuna_steps: int = VICUNA_STEPS, vicuna_eval: int = 900) -> dict:
     """Every file of shapes.BACKBONE_FILES into out (created; must not exist); returns the summary."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same bytes whatever the number of cores
     try:
-        return build_in(out, seed, lm_steps, clip_steps, quiet)
+        return build_in(out, seed, lm_steps, clip_steps, quiet, vicuna_steps, vicuna_eval)
     finally:
         torch.set_num_threads(threads)
 
 
-def build_in(out: Path, seed: int, lm_steps: int, clip_steps: int, quiet: bool) -> dict:
+def build_in(out: Path, seed: int, lm_steps: int, clip_steps: int, quiet: bool, vicuna_steps: int,
+             vicuna_eval: int) -> dict:
     from model import Tokenizer, load_llama
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -280,7 +395,7 @@ def build_in(out: Path, seed: int, lm_steps: int, clip_steps: int, quiet: bool) 
     say("tiny CLIP held-out accuracy " + ", ".join(f"{k} {v:.0%}" for k, v in accs.items())
         + f" ({time.time() - t0:.0f}s)")
     (out / "backbones.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return build_vicuna(out, seed, vicuna_steps, quiet, vicuna_eval)  # from the llama/ just written; adds its scores
 
 
 def main(argv=None):
@@ -289,11 +404,23 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm-steps", type=int, default=LM_STEPS, help="tiny LLaMA AdamW steps")
     ap.add_argument("--clip-steps", type=int, default=CLIP_STEPS, help="tiny CLIP AdamW steps")
+    ap.add_argument("--vicuna-steps", type=int, default=VICUNA_STEPS, help="tiny Vicuna AdamW steps")
+    ap.add_argument("--add-vicuna", action="store_true",
+                    help="only (re)make vicuna/ from the tokenizer and llama/ already in --out")
     args = ap.parse_args(argv)
+    t0 = time.time()
+    if args.add_vicuna:
+        shutil.rmtree(Path(args.out) / "vicuna", ignore_errors=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as build: the same bytes
+        try:
+            build_vicuna(Path(args.out), args.seed, args.vicuna_steps)
+        finally:
+            torch.set_num_threads(threads)
+        return
     if Path(args.out).exists():
         raise SystemExit(f"error: {args.out} exists: remove it first, or give another --out")
-    t0 = time.time()
-    build(Path(args.out), args.seed, args.lm_steps, args.clip_steps)
+    build(Path(args.out), args.seed, args.lm_steps, args.clip_steps, vicuna_steps=args.vicuna_steps)
     print(f"backbones: done in {time.time() - t0:.0f}s -> {args.out}")
 
 

@@ -7,7 +7,7 @@ tells the routers which samples have an image. Files:
     {root}/complex_reasoning_77k.json    [{id, image, conversations: [{from: human|gpt, value}]}]
     {root}/detail_23k.json               same
     {root}/conversation_58k.json         same, several turns per conversation
-    {coco_root}/COCO_train2014_{image}   image is e.g. "000000123456.jpg"
+    {coco_root}/COCO_train2014_{image}   image is e.g. "000000123456.jpg"; coco_root: COCO's train2014/
 
     mode="recipe" (default, LaVIN's tools/data_processing.py):
         Alpaca -> ("Instruction: {instruction} {input}\\nResponse:", output)
@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import os
 
-from data.batching import Sample
+from data.batching import Sample, TokenizedDataset
 from data.scienceqa import DataError, load_json
 
 DEFAULT_ROOT = "data/instruct"
-DEFAULT_COCO_ROOT = "data/coco/train2014"
 ALPACA = "alpaca_data.json"
 LLAVA = ("complex_reasoning_77k.json", "detail_23k.json", "conversation_58k.json")
 MODES = ("recipe", "multiturn")
@@ -92,7 +91,7 @@ def coco_image(coco_root: str, image: str) -> str:
 
 # ----------------------------------------------------------------------------- samples
 
-def load_samples(root: str = DEFAULT_ROOT, coco_root: str = DEFAULT_COCO_ROOT, mode: str = "recipe",
+def load_samples(root: str = DEFAULT_ROOT, coco_root: str = "data/instruct/train2014", mode: str = "recipe",
                  check_images: bool = True) -> list[Sample]:
     """All chatbot samples, validated up front (missing files, malformed entries, images)."""
     if mode not in MODES:
@@ -116,3 +115,47 @@ def load_samples(root: str = DEFAULT_ROOT, coco_root: str = DEFAULT_COCO_ROOT, m
             else:  # the recipe keeps each pair on its own (complex/detail have one pair each)
                 samples += [Sample(f"{stem}_{e['id']}_{j}", (t,), image) for j, t in enumerate(turns)]
     return samples
+
+
+# ----------------------------------------------------------------------------- text-only evaluation
+
+def normalise(text: str) -> str:
+    """What exact match compares: lower case, single spaces, no final period."""
+    return " ".join(text.lower().split()).rstrip(".").rstrip()
+
+
+class TextEvaluation:
+    """Held-out text-only instructions, {root}/alpaca_{split}.json in Alpaca's format, for
+    evaluate.py: each prompt as in training (no image: the router's text path), the answer read to
+    EOS and scored by exact match with the output (after `normalise`). Our score, not the paper's:
+    it asks whether the chatbot still answers what its LLaMA answered before it learnt to see."""
+
+    name = "alpaca"
+
+    def __init__(self, root: str, split: str, tokenizer):
+        path = os.path.join(root, f"alpaca_{split}.json")
+        entries = load_json(path)
+        check_alpaca(entries, path)
+        self.split, self.path = split, path
+        self.references = {f"alpaca_{split}_{i}": e["output"] for i, e in enumerate(entries)}
+        samples = [Sample(pid, (alpaca_turn(e),)) for pid, e in zip(self.references, entries)]
+        self.dataset = TokenizedDataset(samples, tokenizer, name=f"alpaca/{split}")
+
+    def stop(self, text: str) -> bool:
+        return False  # an answer ends at EOS
+
+    def score(self, texts: dict) -> tuple[dict, dict]:
+        missing = [pid for pid in self.references if pid not in texts]
+        if missing:
+            raise DataError(f"no response for {len(missing)} of the {len(self.references)} instructions of "
+                            f"{self.path} (e.g. {missing[0]})")
+        right = {pid: normalise(texts[pid]) == normalise(ref) for pid, ref in self.references.items()}
+        result = {"dataset": "alpaca", "split": self.split, "n": len(right),
+                  "exact": round(100 * sum(right.values()) / max(1, len(right)), 2)}
+        preds = {pid: {"response": texts[pid], "reference": self.references[pid], "right": ok}
+                 for pid, ok in right.items()}
+        return result, {"preds.json": preds}
+
+    def table(self, result: dict) -> str:
+        return (f"alpaca/{result['split']}: {result['n']} text-only instructions, exact match "
+                f"{result['exact']:.2f}%")

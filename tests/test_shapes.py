@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import backbones, shapes
+from data import backbones, shapes, shapes_chat
 
 N = 60  # >= 54 (18 groups of subject x modality x grade band, 3 splits): every column everywhere
 
@@ -34,7 +34,7 @@ def full_small(tmp_path_factory) -> Path:
 def tiny_backbones(tmp_path_factory) -> Path:
     """data/backbones.py's whole recipe with a handful of steps."""
     out = tmp_path_factory.mktemp("backbones") / "bb"
-    backbones.build(out, seed=0, lm_steps=3, clip_steps=2, quiet=True)
+    backbones.build(out, seed=0, lm_steps=3, clip_steps=2, quiet=True, vicuna_steps=2, vicuna_eval=6)
     return out
 
 
@@ -105,10 +105,11 @@ def test_backbone_build_is_reproducible(tiny_backbones, tmp_path):
     torch = pytest.importorskip("torch")
     torch.manual_seed(1234)  # the caller's random state must neither matter nor change
     state = torch.random.get_rng_state()
-    backbones.build(tmp_path / "again", seed=0, lm_steps=3, clip_steps=2, quiet=True)
+    backbones.build(tmp_path / "again", seed=0, lm_steps=3, clip_steps=2, quiet=True, vicuna_steps=2,
+                    vicuna_eval=6)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert file_bytes(tmp_path / "again") == file_bytes(tiny_backbones)
-    assert set(file_bytes(tiny_backbones)) == set(shapes.BACKBONE_FILES)
+    assert set(file_bytes(tiny_backbones)) == set(shapes.BACKBONE_FILES) | set(shapes_chat.BACKBONE_FILES)
 
 
 def test_set_holds_a_copy_of_the_shipped_backbones(full_small):
@@ -127,6 +128,19 @@ def test_shipped_llama_reads_text_and_captions_but_not_pixels():
     assert backbones.answer_accuracy(llama, tok, text) >= 0.8
     assert backbones.answer_accuracy(llama, tok, image) >= 0.8
     assert backbones.answer_accuracy(llama, tok, [(p, None) for p, _ in image]) <= 0.5  # chance ~0.3
+
+
+def test_shipped_vicuna_follows_instructions_and_reads_captions_not_pixels():
+    """The shipped tiny Vicuna answers held-out text instructions and questions about a picture
+    given its caption, in the chatbot's template; given "Image: N/A" it cannot know the picture."""
+    model_py = pytest.importorskip("model")
+    vicuna, tok = model_py.load_llama(shapes.BACKBONES / "vicuna")
+    held_out = [(c, *turns[0]) for c, turns in backbones.chat_corpus(150, seed=5)]
+    text = [x for x in held_out if x[0] is None]
+    image = [x for x in held_out if x[0] is not None]
+    assert backbones.chat_accuracy(vicuna, tok, text) >= 0.9
+    assert backbones.chat_accuracy(vicuna, tok, image) >= 0.75
+    assert backbones.chat_accuracy(vicuna, tok, [(None, p, a) for _, p, a in image]) <= 0.3
 
 
 def blobs(image: Image.Image) -> list:
