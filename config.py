@@ -3,6 +3,7 @@ recipes as presets, and the checks that turn bad input into one line before any 
 
     defaults (TrainConfig) ─> the preset (by default the dataset's own) ─> the flags given
       └─ resolve(): empty paths filled in, values checked ─> check_inputs(): the files exist
+      └─ evaluations(): what the run scores at its end
 """
 from __future__ import annotations
 
@@ -173,6 +174,19 @@ def check_inputs(cfg: TrainConfig):
     if cfg.dataset in data.CHAT_DATASETS and not Path(cfg.coco_root).is_dir():
         raise UsageError(f"no COCO train2014 folder at {cfg.coco_root}: LLaVA-Instruct's pictures are COCO's "
                          f"(COCO_train2014_*.jpg from cocodataset.org); pass --coco_root")
+
+
+def evaluations(cfg: TrainConfig) -> list[tuple[str, str, str, Path]]:
+    """(dataset, root, split, output folder) of each evaluation at the end of a run: the test split
+    of a ScienceQA-format set; for the chatbot, the MME set and the held-out text instructions
+    that its data folder holds (the shapes-chat set has both)."""
+    out = Path(cfg.output_dir)
+    if cfg.dataset not in data.CHAT_DATASETS:
+        return [(cfg.dataset, cfg.data_path, cfg.eval_split, out)]
+    found = [("mme", f"{cfg.data_path}/mme", "", out / "eval-mme")] if Path(cfg.data_path, "mme").is_dir() else []
+    if Path(cfg.data_path, f"alpaca_{cfg.eval_split}.json").is_file():
+        found.append(("alpaca", cfg.data_path, cfg.eval_split, out / "eval-alpaca"))
+    return found
 
 
 def lavin_args(cfg: TrainConfig) -> LaVINArgs:

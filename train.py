@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader
 
 import data
 from adapter import load_trainable, trainable_state_dict
-from config import ARCHITECTURE, TrainConfig, check_inputs, check_output, lavin_args, make_config, resolve
+from config import (ARCHITECTURE, TrainConfig, check_inputs, check_output, evaluations, lavin_args, make_config,
+                    resolve)
 from data.batching import IGNORE_INDEX
 from evaluate import evaluate_split
 from lavin import LaVIN, atomic_save, build_preset, load_lavin, save_adapters, summary
@@ -439,19 +440,6 @@ def open_log(path: Path, step: int, resumed: bool):
         rows = path.read_text().splitlines()
         path.write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", step + 1) <= step))
     return open(path, "a" if resumed else "w")
-
-
-def evaluations(cfg: TrainConfig) -> list[tuple[str, str, str, Path]]:
-    """(dataset, root, split, output folder) of each evaluation at the end of a run: the test split
-    of a ScienceQA-format set; for the chatbot, the MME set and the held-out text instructions
-    that its data folder holds (the shapes-chat set has both)."""
-    out = Path(cfg.output_dir)
-    if cfg.dataset not in data.CHAT_DATASETS:
-        return [(cfg.dataset, cfg.data_path, cfg.eval_split, out)]
-    found = [("mme", f"{cfg.data_path}/mme", "", out / "eval-mme")] if Path(cfg.data_path, "mme").is_dir() else []
-    if Path(cfg.data_path, f"alpaca_{cfg.eval_split}.json").is_file():
-        found.append(("alpaca", cfg.data_path, cfg.eval_split, out / "eval-alpaca"))
-    return found
 
 
 def finish(run: Run, loss: float) -> dict:
