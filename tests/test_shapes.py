@@ -135,7 +135,7 @@ def test_shipped_vicuna_follows_instructions_and_reads_captions_not_pixels():
     given its caption, in the chatbot's template; given "Image: N/A" it cannot know the picture."""
     model_py = pytest.importorskip("model")
     vicuna, tok = model_py.load_llama(shapes.BACKBONES / "vicuna")
-    held_out = [(c, *turns[0]) for c, turns in backbones.chat_corpus(150, seed=5)]
+    held_out = [(c, *turns[0]) for c, turns in backbones.chat_corpus(120, seed=5)]
     text = [x for x in held_out if x[0] is None]
     image = [x for x in held_out if x[0] is not None]
     assert backbones.chat_accuracy(vicuna, tok, text) >= 0.9
