@@ -62,7 +62,8 @@ class TrainConfig:
     eval_batch_size: int = 16  # prompts per batch in that evaluation
 
 
-WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b", "vicuna-13b": "weights/vicuna-13b"}
+WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b",
+           "vicuna-13b": "weights/vicuna-13b"}
 PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     "lavin-7b": dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt",
                      temperature=10.0),

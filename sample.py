@@ -155,7 +155,8 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
         elif chat_run and dataset == "mme" and run.get("data_path") and Path(run["data_path"], "mme").is_dir():
             own = f"{run['data_path']}/mme"
         where = dataset if dataset in ("mme", "alpaca") else cfg.split
-        out = f"{cfg.run}/eval-{where}" if cfg.run else f"out/eval/{dataset}" + (f"-{where}" if where != dataset else "")
+        alone = f"out/eval/{dataset}" + (f"-{where}" if where != dataset else "")
+        out = f"{cfg.run}/eval-{where}" if cfg.run else alone
         cfg = dataclasses.replace(cfg, dataset=dataset, output_dir=cfg.output_dir or out,
                                   data_path=cfg.data_path or own or data.DEFAULT_ROOTS[dataset])
     if cfg.dataset and mode != "eval":

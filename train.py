@@ -289,7 +289,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     dtype = pick_dtype(cfg.precision, device)
     model, tok = build_model(cfg, device, dtype)
     ds = data.build_dataset(cfg.dataset, cfg.data_path, "train", tok, prompt_format=cfg.prompt_format,
-                            instruct_mode=cfg.instruct_mode, coco_root=cfg.coco_root, max_seq_len=cfg.max_seq_len, reserve=model.n_inserted, image_mode=cfg.image_mode,
+                            instruct_mode=cfg.instruct_mode, coco_root=cfg.coco_root, max_seq_len=cfg.max_seq_len,
+                            reserve=model.n_inserted, image_mode=cfg.image_mode,
                             resolution=model.visual.resolution)
     n_bad = check_images(ds, cfg.skip_bad_images, rank, world)
     if n_bad and rank == 0:
@@ -470,7 +471,8 @@ def finish(run: Run, loss: float) -> dict:
     if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:
         print(f"talk to it:  python sample.py --run {out} --image <picture> --chat")
     written = [str(folder / "results.json") for *_, folder in found if run.rank == 0]
-    run.say(f"wrote {', '.join([str(out / 'log.jsonl'), str(out / 'checkpoint.pth'), str(out / 'adapters.pth'), *written])}")
+    files = [str(out / name) for name in ("log.jsonl", "checkpoint.pth", "adapters.pth")] + written
+    run.say(f"wrote {', '.join(files)}")
     return result
 
 

@@ -37,7 +37,8 @@ DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "
 SYNTHETIC = {"shapes": ("data.shapes", "problems.json"), "shapes-chat": ("data.shapes_chat", "alpaca_data.json")}
 
 __all__ = ["build_dataset", "evaluation", "ensure", "DATASETS", "CHAT_DATASETS", "EVAL_DATASETS", "IGNORE_INDEX",
-           "PAD_ID", "Collator", "LengthGroupedBatchSampler", "Sample", "SkipBatches", "TokenizedDataset", "encode_turns"]
+           "PAD_ID", "Collator", "LengthGroupedBatchSampler", "Sample", "SkipBatches", "TokenizedDataset",
+           "encode_turns"]
 
 
 def ensure(name: str, root: str) -> None:
@@ -67,7 +68,8 @@ def build_dataset(name: str, root: str | None, split: str, tokenizer, *,
     root None -> the dataset's default folder. ScienceQA/shapes options: prompt_format,
     use_caption. instruct / shapes-chat options: instruct_mode ("recipe" | "multiturn"), coco_root
     ("" = {root}/train2014); their only split is "train". max_seq_len/reserve: see
-    TokenizedDataset. image_mode, resolution: passed to clip.preprocess ("lavin" matches the released weights, "clip" is CLIP's own).
+    TokenizedDataset. image_mode, resolution: passed to clip.preprocess ("lavin" matches the
+    released weights, "clip" is CLIP's own).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")

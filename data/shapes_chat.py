@@ -213,7 +213,8 @@ def generate(root="data/shapes-chat", seed: int = 0, pictures: int = PICTURES, b
         raise
     if not quiet:
         print(f"shapes-chat: {pictures} pictures x 3 LLaVA files, {ALPACA} + {ALPACA_TEST} text instructions, "
-              f"MME set of 4 x {TEST_PICTURES} pictures, tiny backbones -> {root} ({time.time() - t0:.1f}s)", flush=True)
+              f"MME set of 4 x {TEST_PICTURES} pictures, tiny backbones -> {root} ({time.time() - t0:.1f}s)",
+              flush=True)
     return root
 
 
