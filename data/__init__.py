@@ -18,7 +18,7 @@
 
     evaluation(name, root, split, tokenizer) -> the task evaluate.py runs: scienceqa / shapes (the
     accuracy table, data/table.py), mme (yes/no questions, data/mme.py), alpaca (held-out text-only
-    instructions, data/instruct.py)
+    instructions, data/instruct.py), coco (BLEU and CIDEr-D of captions, data/coco.py + data/captions.py)
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from data.batching import (IGNORE_INDEX, PAD_ID, Collator, LengthGroupedBatchSam
 
 DATASETS = ("scienceqa", "shapes", "instruct", "shapes-chat")  # what train.py trains on
 CHAT_DATASETS = ("instruct", "shapes-chat")  # the chatbot's instruction data (data/instruct.py's reader)
-EVAL_DATASETS = ("scienceqa", "shapes", "mme", "alpaca")  # those with an evaluation (evaluate.py)
+EVAL_DATASETS = ("scienceqa", "shapes", "mme", "alpaca", "coco")  # those with an evaluation (evaluate.py)
 DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "instruct": instruct.DEFAULT_ROOT,
-                 "shapes-chat": "data/shapes-chat", "mme": "data/mme", "alpaca": instruct.DEFAULT_ROOT}
+                 "shapes-chat": "data/shapes-chat", "mme": "data/mme", "alpaca": instruct.DEFAULT_ROOT,
+                 "coco": "data/coco"}
 SYNTHETIC = {"shapes": ("data.shapes", "problems.json"), "shapes-chat": ("data.shapes_chat", "alpaca_data.json")}
 
 __all__ = ["build_dataset", "evaluation", "ensure", "DATASETS", "CHAT_DATASETS", "EVAL_DATASETS", "IGNORE_INDEX",
@@ -93,12 +94,14 @@ def evaluation(name: str, root: str | None, split: str, tokenizer, *, prompt_for
     stop, scoring and table. Bad input raises here, naming the file or the pid."""
     if name not in EVAL_DATASETS:
         raise ValueError(f"cannot evaluate on {name!r}: use one of {', '.join(EVAL_DATASETS)}")
-    from data import mme, table
+    from data import coco, mme, table
 
     root = root or DEFAULT_ROOTS[name]
     if name == "mme":
         return mme.Evaluation(root, tokenizer, image_mode=image_mode, resolution=resolution)
     if name == "alpaca":
         return instruct.TextEvaluation(root, split, tokenizer)
+    if name == "coco":
+        return coco.Evaluation(root, split, tokenizer, image_mode=image_mode, resolution=resolution)
     ensure(name, root)
     return table.Evaluation(name, root, split, tokenizer, prompt_format, image_mode=image_mode, resolution=resolution)

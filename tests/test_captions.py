@@ -1,0 +1,136 @@
+"""Caption metrics against values worked out by hand (the arithmetic is in the comments), and the
+Karpathy-split reader's bad inputs. L below is log(2): the idf of an n-gram in one of two images."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import data
+from data import captions, coco
+from data.captions import bleu, cider_d, tokenize
+from data.scienceqa import DataError
+from data.shapes import BACKBONES
+from model import Tokenizer
+
+
+def toks(*sentences):
+    return [s.split() for s in sentences]
+
+
+@pytest.mark.parametrize("text,tokens", [
+    ("A man's dog, running.", ["a", "man", "'s", "dog", "running"]),
+    ("Don't stop!", ["do", "n't", "stop"]),
+    ("A black-and-white photo of 3.5 cats", ["a", "black-and-white", "photo", "of", "3.5", "cats"]),
+    ('A (red) ball... "big"; ok?', ["a", "red", "ball", "big", "ok"])])
+def test_tokenize_as_ptb_leaves_captions(text, tokens):
+    assert tokenize(text) == tokens
+
+
+def test_bleu_by_hand():
+    # a perfect match: every precision 1 (up to the toolkit's 1e-15 / 1e-9 smoothing), no penalty
+    assert bleu(toks("a red circle on the left"), [toks("a red circle on the left")]) == pytest.approx([1] * 4, abs=1e-8)
+    # brevity: 2 words against 6; p1 = 2/2, p2 = 1/1, no trigram: (1e-15 / 1e-9); BP = exp(1 - 6/2)
+    bp = math.exp(-2)
+    assert bleu(toks("the cat"), [toks("the cat sat on the mat")]) == pytest.approx(
+        [bp, bp, (1e-6) ** (1 / 3) * bp, (1e-6 * 1e-6) ** (1 / 4) * bp], rel=1e-6)
+    # clipping: "the" counted at most once, as often as the reference holds it: p1 = 1/4
+    assert bleu(toks("the the the the"), [toks("the cat")])[0] == pytest.approx(0.25)
+    # the closest reference length, a tie going to the shorter: 4 words, references of 3 and 5 -> r = 3, no BP
+    # (r = 5 would give exp(1 - 5/4))
+    assert bleu(toks("a b c d"), [toks("a b c", "a b c d e")])[0] == pytest.approx(1.0)
+    # corpus level: (2 + 1) matches of (2 + 4) words = 0.5, not the mean of 1 and 0.25
+    assert bleu(toks("a b", "c d e f"), [toks("a b"), toks("c x y z")])[0] == pytest.approx(0.5)
+
+
+def test_cider_d_document_frequency_by_hand():
+    # "a" is in both images' references: idf log 2 - log 2 = 0, it weighs nothing.
+    # image 1, a perfect match: cosine 1 for n = 1, 2, 3, no 4-gram: 10 * 3/4 = 7.5
+    # image 2, "a blue star" vs "a blue square": n=1 blue . blue / (L sqrt2 . L sqrt2) = 1/2,
+    #   n=2 "a blue": 1/2, n=3 and 4: 0 -> 10 * 1/4 = 2.5 (with "a" weighted, n=1 would be 2/3)
+    mean, each = cider_d(toks("a red circle", "a blue star"), [toks("a red circle"), toks("a blue square")])
+    assert each == pytest.approx([7.5, 2.5]) and mean == pytest.approx(5.0)
+    # the score is a mean over references, not a sum
+    assert cider_d(toks("a red circle", "a blue star"), [toks("a red circle", "a red circle"),
+                                                         toks("a blue square")])[1][0] == pytest.approx(7.5)
+
+
+def test_cider_d_clipping_and_length_penalty_by_hand():
+    # "red red red circle" vs "red circle" (idf L for every n-gram): n=1 weights (3L, L) vs (L, L):
+    #   clipped dot min(3L, L) L + L L = 2 L^2, over L sqrt10 . L sqrt2 -> 1/sqrt5 (unclipped: 2/sqrt5);
+    #   n=2 ("red red" 2L, "red circle" L) vs ("red circle" L): L^2 / (L sqrt5 . L) = 1/sqrt5; n=3, 4: 0.
+    #   Lengths (bigrams) 3 and 1: the penalty exp(-2^2 / (2 . 6^2)). 10 * exp(-1/18) * (2/sqrt5) / 4
+    # "blue square" vs itself: 10 * (1 + 1) / 4 = 5
+    first = 10 * math.exp(-4 / 72) * (2 / math.sqrt(5)) / 4
+    mean, each = cider_d(toks("red red red circle", "blue square"), [toks("red circle"), toks("blue square")])
+    assert each == pytest.approx([first, 5.0]) and mean == pytest.approx((first + 5.0) / 2)
+
+
+def test_score_and_command_line(tmp_path):
+    root = write_karpathy(tmp_path / "coco")
+    preds = {"1": "A red circle.", "2": "A blue star!"}
+    result = captions.score(preds, coco.references_of(coco.read_karpathy(str(root)), "test"))
+    assert result["CIDEr"] == pytest.approx(500.0) and result["images"] == 2  # x100: 5.0 above
+    (tmp_path / "preds.json").write_text(json.dumps(preds))
+    out = tmp_path / "r" / "results.json"
+    got = captions.main(["--data", str(root), "--preds", str(tmp_path / "preds.json"), "--out", str(out)])
+    assert json.loads(out.read_text()) == got == result
+    assert set(got) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
+    with pytest.raises(DataError, match="no caption for 1 of the 2 images"):
+        captions.score({"1": "x"}, coco.references_of(coco.read_karpathy(str(root)), "test"))
+
+
+# ----------------------------------------------------------------------------- the Karpathy split
+
+def write_karpathy(root: Path) -> Path:
+    entries = [("val2014", 1, "test", ["A red circle.", "a  red circle"]), ("val2014", 2, "test", ["A blue square."]),
+               ("train2014", 3, "train", ["A green star.", "A star, green."]), ("val2014", 4, "restval", ["Two cats."]),
+               ("val2014", 5, "val", ["A dog."])]
+    images = []
+    for folder, cocoid, split, sents in entries:
+        name = f"COCO_{folder}_{cocoid:012d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(root / folder / name)
+        images.append({"filepath": folder, "filename": name, "split": split, "cocoid": cocoid, "imgid": cocoid,
+                       "sentences": [{"raw": s, "tokens": tokenize(s)} for s in sents]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return root
+
+
+def test_karpathy_reader(tmp_path):
+    root = write_karpathy(tmp_path / "coco")
+    samples = coco.load_samples(str(root), "train")  # train + restval, one sample per reference
+    assert [s.pid for s in samples] == ["3_0", "3_1", "4_0"]
+    assert samples[0].turns == ((coco.CAPTION_PROMPT, "A green star."),)
+    assert samples[0].image == str(root / "train2014" / "COCO_train2014_000000000003.jpg")
+    assert coco.CAPTION_PROMPT == "Instruction: Describe the image in one sentence.\nResponse:"
+    assert coco.references_of(coco.read_karpathy(str(root)), "test") == {"1": ["A red circle.", "a  red circle"],
+                                                                       "2": ["A blue square."]}
+
+
+def test_karpathy_bad_input_names_the_entry(tmp_path):
+    root = write_karpathy(tmp_path / "coco")
+    (root / "val2014" / "COCO_val2014_000000000004.jpg").unlink()
+    with pytest.raises(DataError, match="image 4: .*COCO_val2014_000000000004.jpg does not exist"):
+        coco.load_samples(str(root), "train")
+    release = json.loads((root / "dataset_coco.json").read_text())
+    release["images"][1]["sentences"] = []
+    (root / "dataset_coco.json").write_text(json.dumps(release))
+    with pytest.raises(DataError, match="dataset_coco.json: image 2: needs a non-empty list of sentences"):
+        coco.read_karpathy(str(root))
+    release["images"][1]["sentences"], release["images"][0]["split"] = [{"raw": "x"}], "testing"
+    (root / "dataset_coco.json").write_text(json.dumps(release))
+    with pytest.raises(DataError, match="image 1: unknown split 'testing'"):
+        coco.read_karpathy(str(root))
+    with pytest.raises(DataError, match="unknown split 'restval': use train"):
+        coco.images_of([], "restval")
+
+
+def test_coco_evaluation_task(tmp_path):
+    root = write_karpathy(tmp_path / "coco")
+    task = data.evaluation("coco", str(root), "test", Tokenizer(BACKBONES / "tokenizer.model"), resolution=16)
+    assert [s.pid for s in task.dataset.samples] == ["1", "2"] and task.stop("A red circle.\n")
+    result, files = task.score({"1": "A red circle.\nMore", "2": "A blue square."})
+    assert files["preds.json"] == {"1": "A red circle.", "2": "A blue square."}
+    assert result["BLEU-1"] == pytest.approx(100.0) and result["dataset"] == "coco"
