@@ -20,8 +20,8 @@ from runtime import UsageError, field_help
 @dataclass
 class TrainConfig:
     # what to train on
-    dataset: str = "shapes"  # scienceqa | shapes | instruct | shapes-chat (the chatbot's data at laptop size)
-    preset: str = ""  # lavin-7b | lavin-13b | chatbot-7b | chatbot-13b | shapes | shapes-chat; "" = the dataset's
+    dataset: str = "shapes"  # scienceqa | shapes | instruct | shapes-chat | coco | shapes-coco (shapes-*: laptop size)
+    preset: str = ""  # lavin-7b | lavin-13b | chatbot-7b | chatbot-13b | caption | shapes | shapes-chat | shapes-coco
     data_path: str = ""  # "" = data/{dataset}; the shapes folders also hold their tiny backbones
     coco_root: str = ""  # instruct: the folder of COCO_train2014_*.jpg; "" = {data_path}/train2014
     instruct_mode: str = "recipe"  # instruct: recipe (each question/answer pair alone, LaVIN's) | multiturn
@@ -75,6 +75,10 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     # vl_instruction_tuning for 13B: 8 GPUs x batch 4 (the effective 32), temperature 5
     "chatbot-13b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-13b"], clip_path="weights/ViT-L-14.pt",
                         epochs=15, warmup_epochs=0.2, temperature=5.0),
+    # Captions (ours: the paper gives no recipe): LLaMA-7B, one sample per reference caption of
+    # train + restval (566k), 2 epochs, captions are short
+    "caption": dict(dataset="coco", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt", epochs=2,
+                    warmup_epochs=0.2, max_seq_len=128, temperature=10.0),
     # The laptop demo: tiny backbones inside data/shapes, the paper's recipe (lr, batch, warm-up
     # then cosine) on two CPU cores in three minutes: 10 epochs of 3,588 problems, answer only
     # (QCM-A: the tiny LLaMA never read lectures, and learning them through 44k adapter weights
@@ -86,10 +90,14 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     # shortened to minutes on two CPU cores.
     "shapes-chat": dict(dataset="shapes-chat", batch_size=16, max_seq_len=256, eval_batch_size=64, epochs=4,
                         warmup_epochs=0.5),
+    # The caption demo: the tiny Vicuna inside data/shapes-coco, 1,500 pictures x 5 captions
+    "shapes-coco": dict(dataset="shapes-coco", batch_size=16, max_seq_len=128, eval_batch_size=64, epochs=3,
+                        warmup_epochs=0.5),
 }
-DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b", "shapes-chat": "shapes-chat"}
+DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b", "shapes-chat": "shapes-chat",
+                  "coco": "caption", "shapes-coco": "shapes-coco"}
 ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "chatbot-7b": "lavin-7b",
-                "chatbot-13b": "lavin-13b"}  # lavin.PRESETS, for --dry_run
+                "chatbot-13b": "lavin-13b", "caption": "lavin-7b"}  # lavin.PRESETS, for --dry_run
 
 
 def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
@@ -127,7 +135,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the paths left empty with their defaults, and check the values."""
     preset = preset_of(cfg.dataset, cfg.preset)
     data_path = cfg.data_path or data.DEFAULT_ROOTS[cfg.dataset]
-    tiny = {"shapes": "llama", "shapes-chat": "vicuna"}.get(cfg.dataset)  # the LLaMA folder in the set
+    tiny = {"shapes": "llama", "shapes-chat": "vicuna", "shapes-coco": "vicuna"}.get(cfg.dataset)  # in the set
     ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router  # never over the full run
     cfg = dataclasses.replace(
         cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",
@@ -172,6 +180,9 @@ def check_inputs(cfg: TrainConfig):
     if cfg.dataset == "instruct" and not (root / data.instruct.ALPACA).is_file():
         raise UsageError(f"no instruction data in {root}: expected {data.instruct.ALPACA} (Alpaca) and "
                          f"{', '.join(data.instruct.LLAVA)} (LLaVA-Instruct); pass --data_path")
+    if cfg.dataset == "coco" and not (root / "dataset_coco.json").is_file():
+        raise UsageError(f"no Karpathy split in {root}: expected dataset_coco.json and the train2014/, val2014/ "
+                         f"pictures of COCO 2014; pass --data_path")
     if cfg.dataset in data.CHAT_DATASETS and not Path(cfg.coco_root).is_dir():
         raise UsageError(f"no COCO train2014 folder at {cfg.coco_root}: LLaVA-Instruct's pictures are COCO's "
                          f"(COCO_train2014_*.jpg from cocodataset.org); pass --coco_root")
@@ -179,11 +190,11 @@ def check_inputs(cfg: TrainConfig):
 
 def evaluations(cfg: TrainConfig) -> list[tuple[str, str, str, Path]]:
     """(dataset, root, split, output folder) of each evaluation at the end of a run: the test split
-    of a ScienceQA-format set; for the chatbot, the MME set and the held-out text instructions
+    of a ScienceQA-format or caption set; for the chatbot, the MME set and the held-out text instructions
     that its data folder holds (the shapes-chat set has both)."""
     out = Path(cfg.output_dir)
     if cfg.dataset not in data.CHAT_DATASETS:
-        return [(cfg.dataset, cfg.data_path, cfg.eval_split, out)]
+        return [(data.EVAL_OF[cfg.dataset], cfg.data_path, cfg.eval_split, out)]
     found = [("mme", f"{cfg.data_path}/mme", "", out / "eval-mme")] if Path(cfg.data_path, "mme").is_dir() else []
     if Path(cfg.data_path, f"alpaca_{cfg.eval_split}.json").is_file():
         found.append(("alpaca", cfg.data_path, cfg.eval_split, out / "eval-alpaca"))

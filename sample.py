@@ -53,7 +53,7 @@ class SampleConfig:
     max_new_tokens: int = 64  # new tokens per answer at most
     fold: bool = True  # fold the one modality's routing into the weights (prompt, chat): plain LLaMA's cost
     # evaluation
-    dataset: str = ""  # scienceqa | shapes | mme | alpaca (held-out text instructions); "" with --run: the run's
+    dataset: str = ""  # scienceqa | shapes | mme | alpaca (held-out text instructions) | coco; "" with --run: the run's
     split: str = "test"  # the split --dataset evaluates (alpaca: alpaca_{split}.json; MME has none)
     data_path: str = ""  # "" = the run's (a chat run's mme/ for mme), else data/{dataset}
     prompt_format: str = ""  # "" = the run's, else QCM-ALE
@@ -145,12 +145,12 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
     else:
         mode = "eval"
         chat_run = trained_on in data.CHAT_DATASETS
-        dataset = cfg.dataset or (trained_on if trained_on in data.EVAL_DATASETS else "mme" if chat_run else "")
+        dataset = cfg.dataset or data.EVAL_OF.get(trained_on, "")
         if not dataset:
             raise UsageError(f"nothing to do: give --prompt, --image (a chat) or --dataset "
                              f"{'|'.join(data.EVAL_DATASETS)}")
         own = ""  # the run's copy of this dataset
-        if dataset == trained_on or (chat_run and dataset == "alpaca"):
+        if (dataset == data.EVAL_OF.get(trained_on) and not chat_run) or (chat_run and dataset == "alpaca"):
             own = run.get("data_path")
         elif chat_run and dataset == "mme" and run.get("data_path") and Path(run["data_path"], "mme").is_dir():
             own = f"{run['data_path']}/mme"

@@ -467,7 +467,7 @@ def finish(run: Run, loss: float) -> dict:
             if name in ("scienceqa", "shapes"):
                 show_samples(cfg, out, task)
     # a ScienceQA-format run's table; a chatbot's {"mme": ..., "alpaca": ...}
-    result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(cfg.dataset)
+    result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(data.EVAL_OF[cfg.dataset])
     if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:
         print(f"talk to it:  python sample.py --run {out} --image <picture> --chat")
     written = [str(folder / "results.json") for *_, folder in found if run.rank == 0]

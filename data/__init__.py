@@ -5,6 +5,8 @@
                                                         read by the very same reader
     build_dataset("instruct", root, "train", tokenizer) LLaVA-Instruct + Alpaca (the chatbot)
     build_dataset("shapes-chat", root, "train", tok)    synthetic set in their formats, same reader
+    build_dataset("coco", root, "train", tokenizer)     COCO captions, Karpathy's split (train + restval)
+    build_dataset("shapes-coco", root, "train", tok)    synthetic set in its format, same reader
         │
         ▼  scienceqa.load_samples / instruct.load_samples -> [Sample] (validated up front)
     batching.TokenizedDataset: items {"pid", "tokens", "labels", "image" | None};
@@ -25,17 +27,22 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from data import instruct, scienceqa
+from data import coco, instruct, scienceqa
 from data.batching import (IGNORE_INDEX, PAD_ID, Collator, LengthGroupedBatchSampler, Sample, SkipBatches,
                            TokenizedDataset, encode_turns)
 
-DATASETS = ("scienceqa", "shapes", "instruct", "shapes-chat")  # what train.py trains on
+DATASETS = ("scienceqa", "shapes", "instruct", "shapes-chat", "coco", "shapes-coco")  # what train.py trains on
 CHAT_DATASETS = ("instruct", "shapes-chat")  # the chatbot's instruction data (data/instruct.py's reader)
+CAPTION_DATASETS = ("coco", "shapes-coco")  # Karpathy's COCO split (data/coco.py's reader)
 EVAL_DATASETS = ("scienceqa", "shapes", "mme", "alpaca", "coco")  # those with an evaluation (evaluate.py)
 DEFAULT_ROOTS = {"scienceqa": scienceqa.DEFAULT_ROOT, "shapes": "data/shapes", "instruct": instruct.DEFAULT_ROOT,
                  "shapes-chat": "data/shapes-chat", "mme": "data/mme", "alpaca": instruct.DEFAULT_ROOT,
-                 "coco": "data/coco"}
-SYNTHETIC = {"shapes": ("data.shapes", "problems.json"), "shapes-chat": ("data.shapes_chat", "alpaca_data.json")}
+                 "coco": "data/coco", "shapes-coco": "data/shapes-coco"}
+SYNTHETIC = {"shapes": ("data.shapes", "problems.json"), "shapes-chat": ("data.shapes_chat", "alpaca_data.json"),
+             "shapes-coco": ("data.shapes_coco", "dataset_coco.json")}
+# what a run on each training set is scored on at its end (train.py) and by default (sample.py --run)
+EVAL_OF = {"scienceqa": "scienceqa", "shapes": "shapes", "instruct": "mme", "shapes-chat": "mme", "coco": "coco",
+           "shapes-coco": "coco"}
 
 __all__ = ["build_dataset", "evaluation", "ensure", "DATASETS", "CHAT_DATASETS", "EVAL_DATASETS", "IGNORE_INDEX",
            "PAD_ID", "Collator", "LengthGroupedBatchSampler", "Sample", "SkipBatches", "TokenizedDataset",
@@ -81,6 +88,8 @@ def build_dataset(name: str, root: str | None, split: str, tokenizer, *,
             raise ValueError(f"the instruction data has only a 'train' split, not {split!r}")
         samples = instruct.load_samples(root, coco_root or os.path.join(root, "train2014"), instruct_mode,
                                         check_images)
+    elif name in CAPTION_DATASETS:
+        samples = coco.load_samples(root, split, check_images)
     else:
         samples = scienceqa.load_samples(root, split, prompt_format, use_caption, check_images)
     return TokenizedDataset(samples, tokenizer, max_seq_len=max_seq_len, reserve=reserve,
@@ -94,14 +103,14 @@ def evaluation(name: str, root: str | None, split: str, tokenizer, *, prompt_for
     stop, scoring and table. Bad input raises here, naming the file or the pid."""
     if name not in EVAL_DATASETS:
         raise ValueError(f"cannot evaluate on {name!r}: use one of {', '.join(EVAL_DATASETS)}")
-    from data import coco, mme, table
+    from data import mme, table
 
     root = root or DEFAULT_ROOTS[name]
+    ensure(name, root)
     if name == "mme":
         return mme.Evaluation(root, tokenizer, image_mode=image_mode, resolution=resolution)
     if name == "alpaca":
         return instruct.TextEvaluation(root, split, tokenizer)
     if name == "coco":
         return coco.Evaluation(root, split, tokenizer, image_mode=image_mode, resolution=resolution)
-    ensure(name, root)
     return table.Evaluation(name, root, split, tokenizer, prompt_format, image_mode=image_mode, resolution=resolution)

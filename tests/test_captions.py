@@ -134,3 +134,32 @@ def test_coco_evaluation_task(tmp_path):
     result, files = task.score({"1": "A red circle.\nMore", "2": "A blue square."})
     assert files["preds.json"] == {"1": "A red circle.", "2": "A blue square."}
     assert result["BLEU-1"] == pytest.approx(100.0) and result["dataset"] == "coco"
+
+
+# ----------------------------------------------------------------------------- the shapes-coco set and a run
+
+def test_caption_run_end_to_end(tmp_path):
+    import sample
+    import train
+    from data import shapes_coco
+
+    root = shapes_coco.generate(tmp_path / "shapes-coco", quiet=True)
+    images = coco.read_karpathy(str(root))  # the reader's own checks pass on the written file
+    assert {e["split"] for e in images} == {"train", "restval", "val", "test"}
+    assert all(len(e["sentences"]) == 5 and len({s["raw"] for s in e["sentences"]}) == 5 for e in images)
+    out = tmp_path / "run"
+    cfg, _ = train.make_config(["--dataset", "coco", "--preset", "shapes-coco", "--data_path", str(root),
+                                "--llama_path", str(root / "vicuna"), "--clip_path", str(root / "clip/ViT-tiny.pt"),
+                                "--max_steps", "2", "--eval_split", "val", "--output_dir", str(out)])
+    result = train.main(cfg)
+    assert result["steps"] == 2 and result["eval"]["images"] == shapes_coco.SPLIT_SIZES["val"]
+    written = json.loads((out / "results.json").read_text())
+    assert written == result["eval"] and set(written) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
+    preds = json.loads((out / "preds.json").read_text())
+    assert len(preds) == 100 and all(isinstance(v, str) for v in preds.values())
+    # the scores of the file sample.py wrote, read back by the command line, are the run's
+    assert captions.main(["--data", str(root), "--split", "val", "--preds", str(out / "preds.json")]) == \
+        {k: v for k, v in written.items() if k not in ("dataset", "split", "decode_steps_per_problem",
+                                                        "reference_steps_per_problem", "early_stop")}
+    cfg, mode = sample.resolve(sample.SampleConfig(run=str(out), split="val"))
+    assert (mode, cfg.dataset, cfg.data_path, cfg.output_dir) == ("eval", "coco", str(root), f"{out}/eval-val")

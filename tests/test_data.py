@@ -516,4 +516,4 @@ def test_shapes_reads_the_scienceqa_layout(tmp_path, tok, monkeypatch):
     ds = data.build_dataset("shapes", None, "test", tok, resolution=R)
     assert len(ds) == len(TEST_ROWS) and (tmp_path / "data" / "shapes" / "problems.json").is_file()
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.build_dataset("coco", None, "train", tok)
+        data.build_dataset("imagenet", None, "train", tok)

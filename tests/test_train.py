@@ -288,7 +288,7 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     (["--batch_size", "3", "--effective_batch", "8"], "not a multiple of batch_size 3"),
     (["--prompt_format", "QCM-XYZ"], "unknown prompt format"),
     (["--preset", "lavin-70b"], "unknown preset 'lavin-70b'"),
-    (["--dataset", "coco"], "unknown dataset 'coco'"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--resume", "/nonexistent/checkpoint.pth"], "no such file"),
 ])
 def test_bad_input_is_one_line_without_traceback(tiny_set, tmp_path, flags, match):
