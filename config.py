@@ -116,7 +116,8 @@ def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
                            help=text)
     given = vars(p.parse_args(argv))  # only the flags on the command line
     preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
-    values = {**PRESETS[preset], "preset": preset}
+    # the weights' paths stay "" here: resolve() fills them, from a shapes set's own backbones first
+    values = {**{k: v for k, v in PRESETS[preset].items() if k not in ("llama_path", "clip_path")}, "preset": preset}
     notes = [f"--{k} {v} overrides preset {preset}'s {k}={values[k]}" for k, v in given.items()
              if k in values and values[k] != v]
     return TrainConfig(**{**values, **given}), notes
@@ -136,6 +137,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     preset = preset_of(cfg.dataset, cfg.preset)
     data_path = cfg.data_path or data.DEFAULT_ROOTS[cfg.dataset]
     tiny = {"shapes": "llama", "shapes-chat": "vicuna", "shapes-coco": "vicuna"}.get(cfg.dataset)  # in the set
+    if tiny is None:  # a shapes set read as its real format (--dataset coco --data_path data/shapes-coco)
+        tiny = next((d for d in ("llama", "vicuna") if Path(data_path, d, "params.json").is_file()), None)
     ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router  # never over the full run
     cfg = dataclasses.replace(
         cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",

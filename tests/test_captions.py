@@ -148,9 +148,10 @@ def test_caption_run_end_to_end(tmp_path):
     assert {e["split"] for e in images} == {"train", "restval", "val", "test"}
     assert all(len(e["sentences"]) == 5 and len({s["raw"] for s in e["sentences"]}) == 5 for e in images)
     out = tmp_path / "run"
-    cfg, _ = train.make_config(["--dataset", "coco", "--preset", "shapes-coco", "--data_path", str(root),
-                                "--llama_path", str(root / "vicuna"), "--clip_path", str(root / "clip/ViT-tiny.pt"),
-                                "--max_steps", "2", "--eval_split", "val", "--output_dir", str(out)])
+    # the command: the real format's reader and preset, the set's own tiny backbones
+    cfg, _ = train.make_config(["--dataset", "coco", "--data_path", str(root), "--max_steps", "2",
+                                "--eval_split", "val", "--output_dir", str(out)])
+    assert train.resolve(cfg).llama_path == f"{root}/vicuna" and cfg.preset == "caption"
     result = train.main(cfg)
     assert result["steps"] == 2 and result["eval"]["images"] == shapes_coco.SPLIT_SIZES["val"]
     written = json.loads((out / "results.json").read_text())
