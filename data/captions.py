@@ -36,7 +36,7 @@ from data.scienceqa import DataError, load_json
 # double quote as `` or '', all of them dropped, so here they are dropped as they are
 PUNCTUATION = {"''", "'", "``", "`", "-lrb-", "-rrb-", "-lcb-", "-rcb-", ".", "?", "!", ",", ":", "-", "--", "...",
                ";", "(", ")", "{", "}", '"'}
-TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|\.\.\.|--|[a-z0-9]+(?:[-'./&][a-z0-9]+)*|\S")
+TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|\.\.\.|--|\d+(?:,\d{3})+|[a-z0-9]+(?:[-'./&][a-z0-9]+)*|\S")
 SIGMA = 6.0  # CIDEr-D's length penalty
 
 

@@ -23,7 +23,8 @@ def toks(*sentences):
     ("A man's dog, running.", ["a", "man", "'s", "dog", "running"]),
     ("Don't stop!", ["do", "n't", "stop"]),
     ("A black-and-white photo of 3.5 cats", ["a", "black-and-white", "photo", "of", "3.5", "cats"]),
-    ('A (red) ball... "big"; ok?', ["a", "red", "ball", "big", "ok"])])
+    ('A (red) ball... "big"; ok?', ["a", "red", "ball", "big", "ok"]),
+    ("1,000 birds at o'clock, can't fly", ["1,000", "birds", "at", "o'clock", "ca", "n't", "fly"])])
 def test_tokenize_as_ptb_leaves_captions(text, tokens):
     assert tokenize(text) == tokens
 
