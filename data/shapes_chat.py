@@ -85,9 +85,8 @@ def yes_no_question(rng: random.Random, f: dict, kind: str, yes: bool) -> tuple[
     """A question of an MME subtask (color, count, position, existence) whose answer is yes or no."""
     if kind == "color":
         c = f["color"] if yes else rng.choice([c for c in shapes.COLORS if c != f["color"]])
-        q = f"Is the {f['shape']} {c}?" if f["k"] == 1 else f"Are the {f['shape']}s {c}?"
-        return q + YES_NO, ("Yes, it is " if f["k"] == 1 else "Yes, they are ") + f"{c}." if yes \
-            else f"No, {'it is' if f['k'] == 1 else 'they are'} {f['color']}."
+        q, be = (f"Is the {f['shape']} {c}?", "it is") if f["k"] == 1 else (f"Are the {f['shape']}s {c}?", "they are")
+        return q + YES_NO, f"Yes, {be} {c}." if yes else f"No, {be} {f['color']}."
     if kind == "count":
         k = f["k"] if yes else rng.choice([k for k in range(1, 5) if k != f["k"]])
         q = f"Is there one {f['shape']} in the picture?" if k == 1 else \
