@@ -9,7 +9,7 @@ let the dataset score them.
               (ScienceQA: preds.json), and the table printed
 
 What a task provides (ScienceQA's and the shapes set's in data/table.py, MME's in data/mme.py,
-held-out text instructions' in data/instruct.py):
+held-out text instructions' in data/instruct.py, COCO's in data/captions.py):
     task.name, task.split      what is evaluated (for the result)
     task.dataset               a TokenizedDataset: .samples (pid, turns, image path), .load_image
     task.stop(text) -> bool    True once the answer can no longer change (early stop)

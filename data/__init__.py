@@ -103,7 +103,7 @@ def evaluation(name: str, root: str | None, split: str, tokenizer, *, prompt_for
     stop, scoring and table. Bad input raises here, naming the file or the pid."""
     if name not in EVAL_DATASETS:
         raise ValueError(f"cannot evaluate on {name!r}: use one of {', '.join(EVAL_DATASETS)}")
-    from data import mme, table
+    from data import captions, mme, table
 
     root = root or DEFAULT_ROOTS[name]
     ensure(name, root)
@@ -112,5 +112,5 @@ def evaluation(name: str, root: str | None, split: str, tokenizer, *, prompt_for
     if name == "alpaca":
         return instruct.TextEvaluation(root, split, tokenizer)
     if name == "coco":
-        return coco.Evaluation(root, split, tokenizer, image_mode=image_mode, resolution=resolution)
+        return captions.Evaluation(root, split, tokenizer, image_mode=image_mode, resolution=resolution)
     return table.Evaluation(name, root, split, tokenizer, prompt_format, image_mode=image_mode, resolution=resolution)

@@ -17,20 +17,22 @@ length with ties to the shorter, and the "length" of CIDEr-D's penalty, which th
 as the sentence's bigrams. The tokenizer is ours: the toolkit runs Stanford's PTB tokenizer in
 Java; this one splits the same way on caption text (clitics, punctuation) in a few lines.
 
+`Evaluation` is what evaluate.py asks of COCO (data/coco.py reads the split): a prompt per
+image, the stop at a line's end, the scores and the table.
+
     python -m data.captions --data DIR --split test --preds preds.json [--out results.json]
     preds.json: {"<cocoid>": "a generated caption", ...}
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
 from collections import Counter
 
-from data.scienceqa import DataError, load_json
+from data import coco
+from data.scienceqa import DataError, load_json, save_json
 
 # What the toolkit drops after tokenising; PTB writes ( ) { } as -LRB- -RRB- -LCB- -RCB- and a
 # double quote as `` or '', all of them dropped, so here they are dropped as they are
@@ -137,9 +139,35 @@ def format_table(result: dict, split: str = "") -> str:
             + " ".join(f"{result[n]:7.2f}" for n in names))
 
 
-def main(argv=None) -> dict:
-    from data.coco import read_karpathy, references_of
+class Evaluation:
+    """A split's captions for evaluate.py: one prompt per image, generated to EOS (or a line's end),
+    scored with BLEU-1..4 and CIDEr-D against the image's references."""
 
+    name = "coco"
+
+    def __init__(self, root: str, split: str, tokenizer, image_mode: str = "lavin", resolution: int = 224):
+        from data.batching import Sample, TokenizedDataset
+
+        images = coco.read_karpathy(root)
+        entries = coco.images_of(images, split)
+        coco.check_images(root, entries)
+        self.split, self.references = split, coco.references_of(images, split)
+        samples = [Sample(str(e["cocoid"]), ((coco.CAPTION_PROMPT, ""),), coco.image_path(root, e)) for e in entries]
+        self.dataset = TokenizedDataset(samples, tokenizer, image_mode=image_mode, resolution=resolution,
+                                        name=f"coco/{split}")
+
+    def stop(self, text: str) -> bool:
+        return "\n" in text  # a caption is one line
+
+    def score(self, texts: dict) -> tuple[dict, dict]:
+        preds = {k: texts[k].split("\n")[0].strip() for k in texts}
+        return {"dataset": "coco", "split": self.split, **score(preds, self.references)}, {"preds.json": preds}
+
+    def table(self, result: dict) -> str:
+        return format_table(result, self.split)
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="BLEU-1..4 and CIDEr-D of captions, as the coco-caption toolkit.")
     ap.add_argument("--data", required=True, help="the folder of dataset_coco.json (Karpathy's split)")
     ap.add_argument("--split", default="test")
@@ -149,12 +177,10 @@ def main(argv=None) -> dict:
     preds = load_json(args.preds)
     if not isinstance(preds, dict):
         raise DataError(f"{args.preds}: expected an object cocoid -> caption")
-    result = score(preds, references_of(read_karpathy(args.data), args.split))
+    result = score(preds, coco.references_of(coco.read_karpathy(args.data), args.split))
     print(format_table(result, args.split))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(args.out, result)
     return result
 
 

@@ -8,7 +8,7 @@
         ├─> training (split "train": train + restval, 113k images): one sample per reference,
         │     (CAPTION_PROMPT, the raw sentence stripped), with its picture
         └─> evaluation (val / test, 5,000 images each): CAPTION_PROMPT per image, the generated
-              caption scored against the image's references by data/captions.py
+              caption scored against the image's references (data/captions.py's Evaluation)
 
 The prompt is the chatbot's instruction template around one fixed request (ours: the paper does
 not print its captioning prompt).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from data.batching import Sample, TokenizedDataset
+from data.batching import Sample
 from data.instruct import instruction_prompt
 from data.scienceqa import DataError, load_json
 
@@ -78,34 +78,3 @@ def load_samples(root: str = DEFAULT_ROOT, split: str = "train", check: bool = T
         check_images(root, entries)
     return [Sample(f"{e['cocoid']}_{j}", ((CAPTION_PROMPT, s["raw"].strip()),), image_path(root, e))
             for e in entries for j, s in enumerate(e["sentences"])]
-
-
-class Evaluation:
-    """A split's captions for evaluate.py: one prompt per image, generated to EOS (or a line's end),
-    scored with BLEU-1..4 and CIDEr-D against the image's references."""
-
-    name = "coco"
-
-    def __init__(self, root: str, split: str, tokenizer, image_mode: str = "lavin", resolution: int = 224):
-        images = read_karpathy(root)
-        entries = images_of(images, split)
-        check_images(root, entries)
-        self.split, self.references = split, references_of(images, split)
-        samples = [Sample(str(e["cocoid"]), ((CAPTION_PROMPT, ""),), image_path(root, e)) for e in entries]
-        self.dataset = TokenizedDataset(samples, tokenizer, image_mode=image_mode, resolution=resolution,
-                                        name=f"coco/{split}")
-
-    def stop(self, text: str) -> bool:
-        return "\n" in text  # a caption is one line
-
-    def score(self, texts: dict) -> tuple[dict, dict]:
-        from data import captions
-
-        preds = {k: texts[k].split("\n")[0].strip() for k in texts}
-        return {"dataset": "coco", "split": self.split, **captions.score(preds, self.references)}, \
-            {"preds.json": preds}
-
-    def table(self, result: dict) -> str:
-        from data import captions
-
-        return captions.format_table(result, self.split)

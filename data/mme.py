@@ -21,12 +21,11 @@ As the official eval_mme.py, except that each line's answer is read from its own
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from data.instruct import instruction_prompt
-from data.scienceqa import DataError, load_json
+from data.scienceqa import DataError, load_json, save_json
 
 PERCEPTION = ("existence", "count", "position", "color", "OCR", "posters", "celebrity", "scene", "landmark",
               "artwork")
@@ -185,9 +184,7 @@ def main(argv=None) -> dict:
     result = score(read_release(args.data), preds)
     print(format_table(result))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        save_json(args.out, result)
     return result
 
 

@@ -107,6 +107,13 @@ def build_prompt(problem: dict, prompt_format: str = DEFAULT_FORMAT, use_caption
 
 # ----------------------------------------------------------------------------- release files
 
+def save_json(path: str, obj, indent: int | None = 2) -> None:
+    """json.dump into path, its folder made first (the scoring commands' --out)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
 def load_json(path: str):
     """json.load with errors that name the file (and the position, when it is malformed)."""
     if not os.path.isfile(path):

@@ -300,20 +300,33 @@ def generate(root="data/shapes", n_problems: int = N_PROBLEMS, seed: int = 0, ba
     """Write the set to root with a copy of the tiny backbones, replacing an earlier set there.
     Built in a sibling folder and renamed into place, so an interrupted run never leaves a set
     that looks complete. n_problems >= 54 puts every column of the accuracy table in every split."""
+    t0 = time.time()
+    root = write_set(root, "shapes", "problems.json", lambda folder: write_problems(folder, n_problems, seed),
+                     backbones, BACKBONE_FILES)
+    if not quiet:
+        print(f"shapes: {n_problems} problems and the tiny backbones written to {root} "
+              f"({time.time() - t0:.1f}s)", flush=True)
+    return root
+
+
+def write_set(root, kind: str, marker: str, write, backbones, backbone_files) -> Path:
+    """A synthetic set (this one, shapes-chat's, shapes-coco's) into root: write(folder) fills a
+    sibling folder, the backbone files are copied in, and the folder is renamed into place,
+    replacing an earlier set there (one holding marker), so an interrupted run never leaves a set
+    that looks complete."""
     root, backbones = Path(root), Path(backbones)
-    if root.exists() and any(root.iterdir()) and not (root / "problems.json").is_file():
-        raise FileExistsError(f"{root} exists and is not a shapes set: refusing to replace it")
-    missing = [f for f in BACKBONE_FILES if not (backbones / f).is_file()]
+    if root.exists() and any(root.iterdir()) and not (root / marker).is_file():
+        raise FileExistsError(f"{root} exists and is not a {kind} set: refusing to replace it")
+    missing = [f for f in backbone_files if not (backbones / f).is_file()]
     if missing:
         raise FileNotFoundError(f"no tiny backbones in {backbones} (missing {missing[0]}): "
                                 f"run  python -m data.backbones --out {backbones}")
-    t0 = time.time()
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would leave the set unreadable to others
     try:
-        write_problems(tmp, n_problems, seed)
-        for f in BACKBONE_FILES:
+        write(tmp)
+        for f in backbone_files:
             (tmp / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(backbones / f, tmp / f)
         if root.exists():  # move the old set aside first: rename cannot replace a full folder
@@ -324,9 +337,6 @@ def generate(root="data/shapes", n_problems: int = N_PROBLEMS, seed: int = 0, ba
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not quiet:
-        print(f"shapes: {n_problems} problems and the tiny backbones written to {root} "
-              f"({time.time() - t0:.1f}s)", flush=True)
     return root
 
 

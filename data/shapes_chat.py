@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -180,36 +179,17 @@ def write_mme(root: Path, rng: random.Random, n: int) -> None:
 
 def generate(root="data/shapes-chat", seed: int = 0, pictures: int = PICTURES, backbones=shapes.BACKBONES,
              quiet: bool = False) -> Path:
-    """Write the set to root (replacing an earlier one there) with a copy of the tiny backbones;
-    built in a sibling folder and renamed into place, so a cut run never looks complete."""
-    root, backbones = Path(root), Path(backbones)
-    if root.exists() and any(root.iterdir()) and not (root / "alpaca_data.json").is_file():
-        raise FileExistsError(f"{root} exists and is not a shapes-chat set: refusing to replace it")
-    missing = [f for f in BACKBONE_FILES if not (backbones / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no tiny backbones in {backbones} (missing {missing[0]}): "
-                                f"run  python -m data.backbones --out {backbones}")
-    t0 = time.time()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{time.time_ns()}"
-    tmp.mkdir()
-    try:
+    """Write the set to root (replacing an earlier one there) with a copy of the tiny backbones
+    (shapes.write_set)."""
+    def write(folder: Path):
         rng = random.Random(seed + 31337)  # another stream than the backbones' corpus
-        write_llava(tmp, rng, pictures)
+        write_llava(folder, rng, pictures)
         for name, k in (("alpaca_data.json", ALPACA), ("alpaca_test.json", ALPACA_TEST)):
-            (tmp / name).write_text(json.dumps([text_instruction(rng) for _ in range(k)], indent=1) + "\n")
-        write_mme(tmp / "mme", rng, TEST_PICTURES)
-        for f in BACKBONE_FILES:
-            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(backbones / f, tmp / f)
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{time.time_ns()}"
-            root.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            (folder / name).write_text(json.dumps([text_instruction(rng) for _ in range(k)], indent=1) + "\n")
+        write_mme(folder / "mme", rng, TEST_PICTURES)
+
+    t0 = time.time()
+    root = shapes.write_set(root, "shapes-chat", "alpaca_data.json", write, backbones, BACKBONE_FILES)
     if not quiet:
         print(f"shapes-chat: {pictures} pictures x 3 LLaVA files, {ALPACA} + {ALPACA_TEST} text instructions, "
               f"MME set of 4 x {TEST_PICTURES} pictures, tiny backbones -> {root} ({time.time() - t0:.1f}s)",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -66,28 +65,11 @@ def write(root: Path, rng: random.Random) -> None:
 
 
 def generate(root="data/shapes-coco", seed: int = 0, backbones=shapes.BACKBONES, quiet: bool = False) -> Path:
-    """Write the set to root (replacing an earlier one) with a copy of the tiny backbones; built in
-    a sibling folder and renamed into place."""
-    root, backbones = Path(root), Path(backbones)
-    if root.exists() and any(root.iterdir()) and not (root / "dataset_coco.json").is_file():
-        raise FileExistsError(f"{root} exists and is not a shapes-coco set: refusing to replace it")
+    """Write the set to root (replacing an earlier one) with a copy of the tiny backbones
+    (shapes.write_set)."""
     t0 = time.time()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.partial-{time.time_ns()}"
-    tmp.mkdir()
-    try:
-        write(tmp, random.Random(seed + 271828))
-        for f in BACKBONE_FILES:
-            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(backbones / f, tmp / f)
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{time.time_ns()}"
-            root.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    root = shapes.write_set(root, "shapes-coco", "dataset_coco.json",
+                            lambda folder: write(folder, random.Random(seed + 271828)), backbones, BACKBONE_FILES)
     if not quiet:
         print(f"shapes-coco: {sum(SPLIT_SIZES.values())} pictures x 5 captions in Karpathy's format, tiny "
               f"backbones -> {root} ({time.time() - t0:.1f}s)", flush=True)

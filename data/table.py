@@ -21,13 +21,12 @@ prompts and images, the early stop, the scoring and the table, from one reading 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 
 from data.scienceqa import (DEFAULT_ROOT, LETTERS, DataError, check_format, load_json, open_split, read_release,
-                            samples_of, split_pids)
+                            samples_of, save_json, split_pids)
 
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")  # the reference's pattern, "." unescaped
 GRADES_1_6 = tuple(f"grade{g}" for g in range(1, 7))
@@ -196,11 +195,8 @@ def main(argv=None) -> dict:
     result = {"split": args.split, **score(problems, pids, preds)}
     print(format_table(result, args.split))
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(os.path.dirname(args.out) or ".", "preds.json"), "w") as f:
-            json.dump(preds, f)
+        save_json(args.out, result)
+        save_json(os.path.join(os.path.dirname(args.out) or ".", "preds.json"), preds, indent=None)
     return result
 
 
