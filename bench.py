@@ -1,7 +1,7 @@
 """Benchmarks (not tests): how fast the parts run on this machine. Figures go in the README.
 
     python bench.py                 # everything, on the GPU if there is one, else the CPU
-    python bench.py --only llama    # llama | clip | train | sample | e2e
+    python bench.py --only llama    # llama | clip | train | sample | e2e | lite
     python bench.py --quick         # fewer repetitions
     python bench.py --compare-hf    # also time transformers' LlamaForCausalLM on the same config
 
@@ -10,7 +10,8 @@ weights, gradients flowing to the input embeddings only (as in LaVIN, where only
 and greedy decoding at a 512-token context with and without the KV cache.
 CLIP: ViT-L/14 with random weights, frozen: forward without grad, and forward+backward into
 LaVIN's mixture-of-modality adapters only; preprocessing of a 640x480 JPEG in both modes.
-train, sample: see bench_train and bench_sample. e2e: train.py and sample.py --run themselves, as
+train, sample, lite (LaVIN-lite at 16/8/4 bits): see bench_train, bench_sample and bench_lite.
+e2e: train.py and sample.py --run themselves, as
 subprocesses, on random weights written in Meta's and OpenAI's layouts (LaVIN-7B on a GPU).
 """
 import argparse
@@ -36,7 +37,8 @@ import data
 import generate
 from adapter import MMAdapter
 from evaluate import evaluate
-from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, load_lavin
+import quant
+from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, llama_bytes, load_lavin
 from model import KVCache, Llama, ModelArgs
 
 BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=16000, multiple_of=256, max_seq_len=1024)
@@ -204,12 +206,12 @@ def bench_clip(device, dtype, quick=False):
     return lines
 
 
-def shapes_model():
+def shapes_model(bits: int = 16):
     """(folder, LaVIN, tokenizer) of the demo: data/shapes, built on first use, fresh adapters."""
     from data import shapes
 
     root = shapes.ensure("data/shapes")
-    return (root, *load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256))
+    return (root, *load_lavin(root / "llama", root / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256, bits=bits))
 
 
 def random_lavin(device, dtype, args: ModelArgs, vit: dict) -> LaVIN:
@@ -220,72 +222,83 @@ def random_lavin(device, dtype, args: ModelArgs, vit: dict) -> LaVIN:
     return LaVIN(LaVINArgs(), llama.eval(), visual.eval(), [1, 2, 3], [1, 2, 3, 4, 5])
 
 
+def measure_step(model, batches, label, device, dtype, reps, flops_per_step=None) -> tuple[str, float]:
+    """(a line, samples/s): samples/s, tokens/s and peak memory of train.py's training step (forward, loss,
+    backward into the adapters, AdamW) on these batches in turn; MFU against an H100's 989 TFLOP/s."""
+    import train
+
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    opt = train.make_optimizer(model, train.TrainConfig(), 1e-4, fused=device.type == "cuda")
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cycle = itertools.cycle(batches)
+    step = lambda: train.train_step(model, [next(cycle)], opt, None, autocast, device, 1)  # noqa: E731
+    step()  # warm-up (and compilation)
+    s = timed(step, device, reps)
+    n, T = batches[0]["tokens"].shape
+    line = f"  {label}: {n / s:,.1f} samples/s, {n * T / s:,.0f} tokens/s, peak memory {peak_memory(device)}"
+    if flops_per_step and device.type == "cuda":
+        line += f", MFU {flops_per_step / s / 989e12:.0%}"
+    return line, n / s
+
+
+def shapes_batches(model, tok, root, batch=32):
+    """Four training batches of the shapes set, from short to long problems."""
+    from data import build_dataset
+
+    ds = build_dataset("shapes", str(root), "train", tok, max_seq_len=256, reserve=model.n_inserted,
+                       resolution=model.visual.resolution)
+    order = sorted(range(len(ds)), key=lambda i: ds.lengths[i])[::len(ds) // (batch * 4)]
+    return [ds.collate([ds[i] for i in order[k::4][:batch]]) for k in range(4)], sum(ds.lengths) / len(ds)
+
+
+def random_batches(args: ModelArgs, B: int, T: int = 512):
+    """A batch of B random samples of T tokens, two thirds of them answer, each with an image."""
+    g = torch.Generator().manual_seed(B)
+    tokens = torch.randint(3, args.vocab_size, (B, T), generator=g)
+    labels = tokens.clone()
+    labels[:, : T // 3] = -100  # the prompt; the rest is "The answer is X. BECAUSE: ..."
+    return [{"tokens": tokens, "labels": labels, "images": torch.randn(B, 3, 224, 224, generator=g),
+             "img_indicator": torch.ones(B, dtype=torch.long)}]
+
+
+def train_flops(model: LaVIN, B: int, T: int = 512) -> float:
+    """4 FLOPs per matmul weight and token: frozen weights, forward and backward into activations."""
+    a = model.llama.args  # counted from the config: a quantized LLaMA holds its weights as buffers
+    n_llama = a.n_layers * (2 * a.dim * a.dim + 2 * a.dim * a.kv_heads * a.head_dim + 3 * a.dim * a.ffn_hidden)
+    n_llama += a.dim * a.vocab_size  # the output head
+    visual = model.visual
+    n_clip = sum(p.numel() for p in visual.parameters() if p.ndim >= 2)
+    return 4 * (n_llama * B * (T + model.n_inserted) + n_clip * B * (visual.grid ** 2 + 1))
+
+
 def bench_train(device, dtype, quick=False):
     """The whole training step of train.py (LaVIN forward with images, loss on the answer,
     backward into the adapters, AdamW): the shapes model on the CPU, LaVIN-7B with random
     weights on a GPU (4 x 512, then larger batches, with and without --grad_checkpointing and
     --compile). MFU counts 4 FLOPs per matmul parameter and token (frozen weights: forward, and
     backward into activations only) against the GPU's dense bf16 peak (989 TFLOP/s for an H100)."""
-    import train
-
     reps = 2 if quick else 5
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     lines = Report()
-
-    def measure(model, batches, label, flops_per_step=None):
-        opt = train.make_optimizer(model, train.TrainConfig(), 1e-4, fused=device.type == "cuda")
-        model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        cycle = itertools.cycle(batches)
-        step = lambda: train.train_step(model, [next(cycle)], opt, None, autocast, device, 1)  # noqa: E731
-        step()  # warm-up (and compilation)
-        s = timed(step, device, reps)
-        b = batches[0]
-        n, T = b["tokens"].shape
-        line = f"  {label}: {n / s:,.1f} samples/s, {n * T / s:,.0f} tokens/s, peak memory {peak_memory(device)}"
-        if flops_per_step and device.type == "cuda":
-            line += f", MFU {flops_per_step / s / 989e12:.0%}"
-        return line
-
     if device.type == "cpu":
-        from data import build_dataset
-
         root, model, tok = shapes_model()
-        ds = build_dataset("shapes", str(root), "train", tok, max_seq_len=256, reserve=model.n_inserted,
-                           resolution=model.visual.resolution)
-        batch = 32
-        order = sorted(range(len(ds)), key=lambda i: ds.lengths[i])[::len(ds) // (batch * 4)]
-        batches = [ds.collate([ds[i] for i in order[k::4][:batch]]) for k in range(4)]
+        batches, mean = shapes_batches(model, tok, root)
         lines.append(f"LaVIN on shapes ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), cpu, {dtype}")
-        lines.append(measure(model, batches, f"training step, batch {batch} (mean {sum(ds.lengths) / len(ds):.0f} tokens)"))
+        lines.append(measure_step(model, batches, f"training step, batch 32 (mean {mean:.0f} tokens)", device, dtype,
+                                  reps)[0])
         return lines
-
-    lines.extend(bench_train_llama(device, dtype, measure, quick, LLAMA_PRESETS["7B"], VIT_L14))  # printed
+    lines.extend(bench_train_llama(device, dtype, quick, LLAMA_PRESETS["7B"], VIT_L14))  # printed
     return lines
 
 
-def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
+def bench_train_llama(device, dtype, quick, args, vit: dict):
     """LaVIN with random weights of the given sizes: batch 4 x 512 up to what fits."""
     model = random_lavin(device, dtype, args, vit)
     llama, visual = model.llama, model.visual
-    n_llama = sum(p.numel() for n, p in llama.named_parameters() if p.ndim == 2 and "tok_embeddings" not in n)
-    n_clip = sum(p.numel() for p in visual.parameters() if p.ndim >= 2)
     lines = Report()
     lines.append(f"LaVIN, LLaMA dim {args.dim} x {args.n_layers} layers, ViT width {vit['width']} x {vit['layers']}, "
                  f"random weights, {device.type} {dtype}: frozen backbones, fp32 adapters")
-
-    def batches_of(B, T=512):
-        g = torch.Generator().manual_seed(B)
-        tokens = torch.randint(3, args.vocab_size, (B, T), generator=g)
-        labels = tokens.clone()
-        labels[:, : T // 3] = -100  # the prompt; the rest is "The answer is X. BECAUSE: ..."
-        return [{"tokens": tokens, "labels": labels, "images": torch.randn(B, 3, 224, 224, generator=g),
-                 "img_indicator": torch.ones(B, dtype=torch.long)}]
-
-    def flops(B, T=512):
-        return 4 * (n_llama * B * (T + model.n_inserted) + n_clip * B * (visual.grid ** 2 + 1))
-
     for compiled in (False, True):
         if compiled:
             for block in [*llama.layers, *visual.transformer.resblocks]:
@@ -295,7 +308,8 @@ def bench_train_llama(device, dtype, measure, quick, args, vit: dict):
             tag = f"{'compiled' if compiled else 'eager'}{', grad checkpointing' if ckpt else ''}"
             for B in (4, 8, 16, 32):
                 try:
-                    lines.append(measure(model, batches_of(B), f"{tag}, batch {B}x512", flops(B)))
+                    lines.append(measure_step(model, random_batches(args, B), f"{tag}, batch {B}x512", device, dtype,
+                                              2 if quick else 5, train_flops(model, B))[0])
                 except torch.cuda.OutOfMemoryError:
                     lines.append(f"  {tag}, batch {B}x512: out of memory")
                     torch.cuda.empty_cache()
@@ -482,10 +496,72 @@ def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
     return lines
 
 
+def bench_lite(device, dtype, quick=False):
+    """LaVIN-lite: the frozen LLaMA's bytes at 16, 8 and 4 bits (exact, from the configs); on the CPU
+    the shapes model's training step and decode at each bits; on a GPU LaVIN-7B-lite with random
+    weights: the training step with gradient checkpointing at 1 x 512 and 4 x 512, eager and
+    compiled, and decode at batch 1, eager and --compile."""
+    lines = Report()
+    lines.append("LaVIN-lite: the frozen LLaMA (embeddings, norms and output head in bf16, the blocks' linears at "
+                 "16/8/4 bits), exact from the config")
+    for size in ("7B", "13B"):
+        n = {bits: llama_bytes(LLAMA_PRESETS[size], bits) for bits in (16, 8, 4)}
+        lines.append(f"  LLaMA-{size}: 16 bits {n[16] / 1e9:.2f} GB, 8 bits {n[8] / 1e9:.2f} GB ({n[8] / n[16]:.0%}), "
+                     f"4 bits (NF4) {n[4] / 1e9:.2f} GB ({n[4] / n[16]:.0%})")
+    with torch.device("meta"):  # what quantizing CLIP too would save: it stays 16-bit (the official lite's choice)
+        vit = clip.VisionTransformer(**VIT_L14)
+    linears = sum(p.numel() for p in vit.transformer.parameters() if p.ndim == 2)
+    lines.append(f"  ViT-L/14's block linears: {2 * linears / 1e9:.2f} GB at 16 bits, {linears * (4 + 8 / 64) / 8 / 1e9:.2f} "
+                 f"GB at 4 bits (not quantized)")
+    reps = 2 if quick else 5
+    if device.type == "cpu":
+        base = {}
+        for bits in (16, 8, 4):
+            root, model, tok = shapes_model(bits)
+            batches, _ = shapes_batches(model, tok, root)
+            line, rate = measure_step(model, batches, f"shapes model at {bits} bits, training step, batch 32", device,
+                                      dtype, reps)
+            model.eval()
+            tokens, _ = decode_rate(model, 1, 100, 64, device, dtype)
+            base.setdefault("train", rate)
+            base.setdefault("decode", tokens)
+            lines.append(f"{line}; decode, batch 1: {tokens:,.0f} tokens/s "
+                         f"({rate / base['train']:.2f}x and {tokens / base['decode']:.2f}x 16 bits)")
+        return lines
+    args = LLAMA_PRESETS["7B"]
+    model = random_lavin(device, dtype, args, VIT_L14)
+    quant.quantize_(model.llama.layers, 4)  # the random bf16 weights become NF4; the 16-bit copies are freed
+    torch.cuda.empty_cache()
+    lines.append(f"LaVIN-7B-lite, random weights, {device.type} {dtype}: LLaMA blocks in NF4 "
+                 f"({quant.held_bytes(model.llama) / 2**30:.2f} GiB), CLIP in bf16, fp32 adapters")
+    model.llama.grad_checkpointing = model.visual.grad_checkpointing = True
+    for compiled in (False, True):
+        if compiled:
+            for block in [*model.llama.layers, *model.visual.transformer.resblocks]:
+                block.compile()
+        for B in (1, 4):
+            tag = f"{'compiled' if compiled else 'eager'}, grad checkpointing, batch {B}x512"
+            try:
+                lines.append(measure_step(model, random_batches(args, B), tag, device, dtype, reps, train_flops(model, B))[0])
+            except torch.cuda.OutOfMemoryError:
+                lines.append(f"  {tag}: out of memory")
+                torch.cuda.empty_cache()
+    model = random_lavin(device, dtype, dataclasses.replace(args, max_seq_len=640), VIT_L14).eval()
+    quant.quantize_(model.llama.layers, 4)
+    torch.cuda.empty_cache()
+    eager, want = decode_rate(model, 1, 512, 64, device, dtype)
+    lines.append(f"  decode, batch 1, 512-token context, eager: {eager:,.1f} tokens/s")
+    t0 = time.perf_counter()
+    rate, got = decode_rate(model, 1, 512, 64, device, dtype, generate.StaticDecoder(model.llama))
+    lines.append(f"  decode, batch 1, 512-token context, --compile: {rate:,.1f} tokens/s ({rate / eager:.1f}x eager; "
+                 f"{time.perf_counter() - t0:.0f} s to compile and run), {same_tokens(got, want)}")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", choices=["llama", "clip", "train", "sample", "e2e"])
+    p.add_argument("--only", choices=["llama", "clip", "train", "sample", "e2e", "lite"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--compare-hf", action="store_true")
     a = p.parse_args()
@@ -503,6 +579,8 @@ def main():
         bench_sample(device, dtype, a.quick)
     if a.only in (None, "e2e"):
         bench_e2e(device, dtype, a.quick)
+    if a.only in (None, "lite"):
+        bench_lite(device, dtype, a.quick)
 
 
 if __name__ == "__main__":

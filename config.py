@@ -21,13 +21,13 @@ from runtime import UsageError, field_help
 class TrainConfig:
     # what to train on
     dataset: str = "shapes"  # scienceqa | shapes | instruct | shapes-chat | coco | shapes-coco (shapes-*: laptop size)
-    preset: str = ""  # lavin-7b | lavin-13b | chatbot-7b | chatbot-13b | caption | shapes | shapes-chat | shapes-coco
+    preset: str = ""  # lavin-7b | lavin-13b | lavin-{7b,13b}-lite | chatbot-7b | chatbot-13b | caption | shapes | shapes-chat | shapes-coco
     data_path: str = ""  # "" = data/{dataset}; the shapes folders also hold their tiny backbones
     coco_root: str = ""  # instruct: the folder of COCO_train2014_*.jpg; "" = {data_path}/train2014
     instruct_mode: str = "recipe"  # instruct: recipe (each question/answer pair alone, LaVIN's) | multiturn
     llama_path: str = ""  # LLaMA folder (Meta or Hugging Face layout); "" = the preset's default
     clip_path: str = ""  # OpenAI CLIP checkpoint; "" = the preset's default
-    output_dir: str = ""  # "" = out/{preset}, and -no_visual / -no_router for the ablations
+    output_dir: str = ""  # "" = out/{preset}, and -no_visual / -no_router / -4bit / -8bit for the variants
     # the recipe (the paper's, as the official scripts run it); presets set these
     epochs: int = 20  # passes over the training split
     batch_size: int = 4  # per process
@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = ""  # "" = cuda if there is one, else cpu
     precision: str = "auto"  # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | bf16 | fp16 | fp32
     grad_checkpointing: bool = False  # recompute the frozen blocks in the backward pass
+    bits: int = 16  # LLaMA blocks' linear layers: 16 (as --precision) | 8 (int8 per row) | 4 (NF4: LaVIN-lite)
     compile: bool = False  # torch.compile each transformer block
     skip_bad_images: bool = False  # drop samples whose image file is unreadable instead of stopping
     dry_run: bool = False  # build the model, print the parameter summary, stop
@@ -69,6 +70,12 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
                      temperature=10.0),
     "lavin-13b": dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path="weights/ViT-L-14.pt",
                       temperature=5.0),
+    # LaVIN-lite (the official --bits 4bit): NF4 LLaMA blocks, one GPU, batch 1 x 32 accumulation
+    # with gradient checkpointing (a larger --batch_size keeps the effective 32 and runs faster)
+    "lavin-7b-lite": dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt",
+                          temperature=10.0, bits=4, batch_size=1, grad_checkpointing=True),
+    "lavin-13b-lite": dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path="weights/ViT-L-14.pt",
+                           temperature=5.0, bits=4, batch_size=1, grad_checkpointing=True),
     # LaVIN's chatbot: Vicuna, Alpaca-52k + LLaVA-Instruct, 15 epochs, 0.2 warm-up epochs
     "chatbot-7b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-7b"], clip_path="weights/ViT-L-14.pt",
                        epochs=15, warmup_epochs=0.2, temperature=10.0),
@@ -96,7 +103,8 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
 }
 DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b", "shapes-chat": "shapes-chat",
                   "coco": "caption", "shapes-coco": "shapes-coco"}
-ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "chatbot-7b": "lavin-7b",
+ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "lavin-7b-lite": "lavin-7b",
+                "lavin-13b-lite": "lavin-13b", "chatbot-7b": "lavin-7b",
                 "chatbot-13b": "lavin-13b", "caption": "lavin-7b"}  # lavin.PRESETS, for --dry_run
 
 
@@ -139,7 +147,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     tiny = {"shapes": "llama", "shapes-chat": "vicuna", "shapes-coco": "vicuna"}.get(cfg.dataset)  # in the set
     if tiny is None:  # a shapes set read as its real format (--dataset coco --data_path data/shapes-coco)
         tiny = next((d for d in ("llama", "vicuna") if Path(data_path, d, "params.json").is_file()), None)
-    ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router  # never over the full run
+    # never over the full run: ablations and other bits than the preset's get folders of their own
+    ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router
+    ablation += f"-{cfg.bits}bit" * (cfg.bits != PRESETS[preset].get("bits", 16))
     cfg = dataclasses.replace(
         cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",
         llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else PRESETS[preset].get("llama_path", "")),
@@ -150,6 +160,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.accum_iter < 0 or cfg.max_steps < 0 or cfg.blr <= 0 or cfg.temperature <= 0:
         raise UsageError("--accum_iter and --max_steps must be >= 0, --blr and --temperature > 0")
+    if cfg.bits not in (16, 8, 4):
+        raise UsageError(f"--bits {cfg.bits}: use 16, 8 or 4 (NF4, LaVIN-lite)")
     if cfg.instruct_mode not in data.instruct.MODES:
         raise UsageError(f"unknown --instruct_mode {cfg.instruct_mode!r}: use one of {', '.join(data.instruct.MODES)}")
     if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):

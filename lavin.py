@@ -18,6 +18,7 @@ Only names containing "adapter" train: ~3.8M parameters for LaVIN-7B, ~5.4M for 
 """
 import argparse
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from adapter import MMAdapter, RepAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
 from clip import VisionTransformer, load_clip
 from model import Llama, ModelArgs, load_llama
+from quant import bits_of, held_bytes, quantize_
 from router import modality_embedding
 
 IGNORE_INDEX = -100  # label of every position that carries no loss
@@ -177,7 +179,11 @@ class LaVIN(nn.Module):
         """Fold the LLaMA adapters into wq/wk/wv (and w1/w3) for one modality (router.IMAGE or
         router.TEXT): all samples of a modality share one routing, so each adapter is then a
         fixed affine map. Inference then costs what plain LLaMA costs. CLIP's adapters route every
-        token on its own hidden state, so they stay as they are."""
+        token on its own hidden state, so they stay as they are. Quantized weights (LaVIN-lite)
+        cannot take an adapter in: such a model runs with its adapters unfolded."""
+        if bits_of(self.llama) != 16:
+            raise ValueError(f"the LLaMA weights are quantized to {bits_of(self.llama)} bits: an adapter cannot be "
+                             f"folded into them; run the model with its adapters unfolded")
         self.eval()  # folding is for inference: no dropout may leak into the routing baked in
         ind = torch.tensor([modality], device=self.llama.tok_embeddings.weight.device)
         for block, (w_attn, w_mlp) in zip(self.llama.layers, self.routes(ind, 1, ind.device, torch.float32)):
@@ -199,10 +205,11 @@ class LaVIN(nn.Module):
 
 
 def load_lavin(llama_path, clip_path, args: LaVINArgs | None = None, dtype=torch.float32, device="cpu",
-               max_seq_len: int = 2048):
+               max_seq_len: int = 2048, bits: int = 16):
     """(LaVIN, Tokenizer) from a LLaMA folder (Meta's or Hugging Face's layout) and an OpenAI CLIP
-    checkpoint: frozen backbones in `dtype`, fresh fp32 adapters. Load trained adapters after."""
-    llama, tokenizer = load_llama(llama_path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    checkpoint: frozen backbones in `dtype`, fresh fp32 adapters. Load trained adapters after.
+    bits 4 or 8: the LLaMA blocks' linear layers quantized (LaVIN-lite); CLIP stays in `dtype`."""
+    llama, tokenizer = load_llama(llama_path, dtype=dtype, device=device, max_seq_len=max_seq_len, bits=bits)
     visual = load_clip(clip_path, dtype=dtype, device=device)
     model = LaVIN(args or LaVINArgs(), llama, visual, tokenizer.encode("Image: ", bos=False, eos=False),
                   tokenizer.encode("Image: N/A", bos=False, eos=False))
@@ -227,7 +234,8 @@ def save_adapters(path, model: LaVIN, **extra):
     """Only what trains, plus the configs it belongs to; written atomically. Loadable with
     weights_only=True."""
     state = {"model": {k: v.detach().cpu() for k, v in trainable_state_dict(model).items()},
-             "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args), **extra}
+             "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args),
+             "bits": bits_of(model.llama), **extra}  # the backbone the adapters were trained against
     atomic_save(state, path)
 
 
@@ -255,7 +263,21 @@ def load_adapters(model: LaVIN, path, ckpt: dict | None = None):
         check_official_args(ckpt.get("args"), model.args, path)
         state = convert_official(state)
     load_trainable(model, state, source=str(path))
+    trained, have = trained_bits(ckpt), bits_of(model.llama)
+    if trained != have:
+        kind = {4: "a 4-bit (NF4) LLaMA", 8: "an 8-bit LLaMA", 16: "a 16-bit LLaMA"}[trained]
+        warnings.warn(f"{path} was trained against {kind}{' (LaVIN-lite)' if trained == 4 else ''}; this model's "
+                      f"LLaMA is {have}-bit, so its answers may differ: load it with bits={trained} (--bits {trained})",
+                      stacklevel=2)
     return ckpt
+
+
+def trained_bits(ckpt: dict) -> int:
+    """The bits of the LLaMA an adapter checkpoint was trained against: ours say so; the official
+    Namespace has --bits 4bit | 8bit | 16bit (the official lite: 4bit)."""
+    if "lavin_args" in ckpt:
+        return ckpt.get("bits", 16)
+    return {"4bit": 4, "8bit": 8}.get(getattr(ckpt.get("args"), "bits", "16bit"), 16)
 
 
 def check_official_args(ns, args: LaVINArgs, path):
@@ -294,6 +316,15 @@ def build_preset(name: str, device="meta", args: LaVINArgs | None = None) -> LaV
         visual = VisionTransformer(**VIT_L14)
     # Placeholder ids for "Image: " and "Image: N/A": they change no parameter count.
     return LaVIN(args or preset_args, llama, visual, [0] * 3, [0] * 5)
+
+
+def llama_bytes(args: ModelArgs, bits: int, dtype=torch.bfloat16) -> int:
+    """Bytes of a frozen LLaMA of these sizes with its blocks' linear layers at `bits` and the rest
+    (embeddings, norms, output head) in dtype: exact, from the config alone (the meta device)."""
+    with torch.device("meta"):
+        llama = Llama(args).to(dtype)
+    quantize_(llama.layers, bits, dtype)
+    return held_bytes(llama)
 
 
 def summary(model: LaVIN) -> str:

@@ -14,7 +14,9 @@ optional KV cache: batched prefill of left-padded prompts, then one-token decode
 `forward` or by `decode_step`, whose shapes never change (for torch.compile and CUDA graphs).
 
 Part 2 loads Meta's layout (`params.json`, `consolidated.NN.pth` shards, `tokenizer.model`) and
-the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or `*.safetensors`).
+the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or `*.safetensors`),
+one tensor at a time; with bits=4 or 8 the blocks' linear layers are quantized (quant.py) as
+their weights stream in (LaVIN-lite).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from quant import QuantLinear, quantize_
 
 
 @dataclass
@@ -322,11 +326,13 @@ def find_tokenizer(folder: Path) -> Path:
     raise FileNotFoundError(f"no tokenizer.model in {folder} or its parent {folder.parent}")
 
 
-def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 2048):
+def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 2048, bits: int = 16):
     """(Llama, Tokenizer) from a checkpoint folder in Meta's or Hugging Face's layout.
 
     Weights are memory-mapped and moved tensor by tensor into a model built on the meta device,
-    so at no point do two copies of the weights exist. The model comes back in eval mode.
+    so at no point do two copies of the weights exist. bits=4 (NF4, LaVIN-lite) or 8 (int8)
+    quantizes every linear layer of the blocks as its weight arrives, on `device`: the host then
+    holds the quantized model plus one tensor at 16 bits. The model comes back in eval mode.
     """
     folder = Path(folder)
     if (folder / "params.json").is_file():
@@ -345,7 +351,7 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
     args.max_seq_len = max_seq_len
     with torch.device("meta"):
         model = Llama(args)
-    load_strict(model, state, dtype, device)
+    load_strict(model, state, dtype, device, bits)
     return model.eval(), tokenizer
 
 
@@ -363,14 +369,30 @@ def check_state(expected: dict, state: dict, source: str = "checkpoint"):
                              f"{tuple(want.shape)}")
 
 
-def load_strict(model: nn.Module, state: dict, dtype, device):
-    """load_state_dict(assign=True) after checking every key and shape."""
+class Lazy:
+    """A checkpoint tensor made only when the loader takes it (a merge of shards, HF's row
+    permutation, a safetensors read): the loader then holds one such tensor at a time."""
+
+    def __init__(self, shape, make):
+        self.shape, self.make = torch.Size(shape), make
+
+
+def load_strict(model: nn.Module, state: dict, dtype, device, bits: int = 16):
+    """load_state_dict(assign=True) after checking every key and shape; with bits 4 or 8 the
+    blocks' linear layers become quantized ones, filled as their weights arrive."""
     check_state(model.state_dict(), state)
+    quantize_(model.layers, bits, dtype)  # empty QuantLinears on the meta device; 16 bits: nothing
+    quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     # Tensor by tensor, so only one converted tensor exists beside the memory-mapped files.
     loaded = {}
     for key in list(state):
-        loaded[key] = state.pop(key).to(device=device, dtype=dtype)
-    model.load_state_dict(loaded, strict=True, assign=True)
+        t = state.pop(key)
+        t = (t.make() if isinstance(t, Lazy) else t).to(device)
+        if key in quantized:  # from the file's own precision (fp16 in Meta's), as bitsandbytes does
+            quantized[key].quantize_(t)
+        else:
+            loaded[key] = t.to(dtype)
+    model.load_state_dict(loaded, strict=not quantized, assign=True)  # every key was checked above
 
 
 def read_meta(folder: Path):
@@ -403,7 +425,10 @@ def read_meta(folder: Path):
                 if other != [s for i, s in enumerate(parts[0].shape) if i != dim]:
                     raise ValueError(f"shards disagree on {key}: {paths[0].name} has shape "
                                      f"{tuple(parts[0].shape)}, {p.name} {tuple(t.shape)}")
-            state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+            shape = list(parts[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in parts)
+            merge = lambda parts=parts, dim=dim: torch.cat(parts, dim)  # noqa: E731
+            state[key] = parts[0] if len(parts) == 1 else Lazy(shape, merge)
     return args, state
 
 
@@ -444,11 +469,12 @@ def read_hf(folder: Path):
             raw.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
     elif tensors:
         try:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
         except ImportError as e:
             raise ImportError(f"{folder} holds *.safetensors: pip install safetensors to read them") from e
         for p in tensors:
-            raw.update(load_file(p))
+            f = safe_open(p, framework="pt")  # read a tensor when it is asked for
+            raw.update({k: Lazy(f.get_slice(k).get_shape(), lambda f=f, k=k: f.get_tensor(k)) for k in f.keys()})
     else:
         raise FileNotFoundError(f"{folder} has config.json but no pytorch_model*.bin or *.safetensors")
     state = {}
@@ -467,10 +493,9 @@ def read_hf(folder: Path):
             if name not in HF_NAMES:
                 state[key] = t  # load_strict reports it as unexpected
                 continue
-            if name == "self_attn.q_proj":
-                t = unpermute(t, args.n_heads)
-            elif name == "self_attn.k_proj":
-                t = unpermute(t, args.kv_heads)
+            if name in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = args.n_heads if name == "self_attn.q_proj" else args.kv_heads
+                t = Lazy(t.shape, lambda t=t, heads=heads: unpermute(t.make() if isinstance(t, Lazy) else t, heads))
             state[f"layers.{i}.{HF_NAMES[name]}.{suffix}"] = t
         else:
             state[key] = t

@@ -30,6 +30,7 @@ from evaluate import evaluate_split
 from generate import ContextTooLong, StaticDecoder, Stream, cache_dtype, decode, prefill_embeddings
 from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
+from quant import bits_of
 from router import IMAGE, TEXT
 from runtime import UsageError, busy_cores_note, field_help, pick_dtype, setup_distributed
 
@@ -66,10 +67,11 @@ class SampleConfig:
     device: str = ""  # "" = cuda if there is one, else cpu
     compile: bool = False  # decode steps of fixed shapes, torch.compile'd (a CUDA graph on a GPU); see StaticDecoder
     precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
+    bits: int = 0  # LLaMA blocks' linear layers in 16 | 8 | 4 bits (NF4: LaVIN-lite); 0 = the run's, else 16
 
 
 CHOICES = {"dataset": ("", *data.EVAL_DATASETS), "template": ("auto", "raw", "instruction"),
-           "image_mode": ("", "lavin", "clip"), "precision": ("auto", "bf16", "fp16", "fp32")}
+           "image_mode": ("", "lavin", "clip"), "precision": ("auto", "bf16", "fp16", "fp32"), "bits": (0, 16, 8, 4)}
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -136,7 +138,7 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
         cfg = dataclasses.replace(cfg, adapters=cfg.adapters or str(path))
     fill = {k: getattr(cfg, k) or run.get(k) or default for k, default in
             (("llama_path", ""), ("clip_path", ""), ("prompt_format", "QCM-ALE"), ("max_seq_len", 512),
-             ("image_mode", "lavin"))}
+             ("image_mode", "lavin"), ("bits", 16))}
     format_given, cfg = cfg.prompt_format, dataclasses.replace(cfg, **fill)
     if cfg.chat or (cfg.image and not cfg.prompt):
         mode = "chat"
@@ -175,7 +177,7 @@ def load_model(cfg: SampleConfig, device, dtype):
     ckpt = read_checkpoint(cfg.adapters) if cfg.adapters else None
     try:
         model, tok = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(ckpt), dtype=dtype, device=device,
-                                max_seq_len=cfg.max_seq_len)
+                                max_seq_len=cfg.max_seq_len, bits=cfg.bits)
     except (OSError, KeyError, ValueError, TypeError) as e:  # missing or foreign weight files
         raise UsageError(message(e)) from e
     if cfg.adapters:
@@ -220,7 +222,10 @@ def converse(model: LaVIN, tok, cfg: SampleConfig, image, turns, prefix: str = "
     own tokens. One turn is `--prompt`, typed_lines() is `--chat`. Returns the answers."""
     device = model.llama.tok_embeddings.weight.device
     ind = torch.tensor([IMAGE if image is not None else TEXT], device=device)
-    if cfg.fold:
+    if cfg.fold and bits_of(model.llama) != 16:
+        print(f"note: the adapters stay unfolded: they cannot be folded into the {bits_of(model.llama)}-bit weights "
+              f"(--bits {bits_of(model.llama)})", file=sys.stderr)
+    elif cfg.fold:
         model.fold(int(ind))
     decoder = StaticDecoder(model.llama) if cfg.compile else None  # after folding: it compiles what it sees
     cache = routes = None

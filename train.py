@@ -46,7 +46,7 @@ from config import (ARCHITECTURE, TrainConfig, check_inputs, check_output, evalu
                     resolve)
 from data.batching import IGNORE_INDEX
 from evaluate import evaluate_split
-from lavin import LaVIN, atomic_save, build_preset, load_lavin, save_adapters, summary
+from lavin import LaVIN, atomic_save, build_preset, llama_bytes, load_lavin, save_adapters, summary
 from runtime import Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, setup_distributed
 
 
@@ -210,11 +210,11 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> f
 # ----------------------------------------------------------------------------- the run
 
 def dry_run(cfg: TrainConfig, device: torch.device):
-    """The parameter summary: from the weights when they are there, else from the preset's config
-    on the meta device (no memory, no files)."""
+    """The parameter summary and the frozen LLaMA's bytes at 16, 8 and 4 bits: from the weights
+    when they are there, else from the preset's config on the meta device (no memory, no files)."""
     if Path(cfg.llama_path).is_dir() and Path(cfg.clip_path).is_file():
         model, _ = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), device=device, dtype=torch.float32,
-                              max_seq_len=cfg.max_seq_len)
+                              max_seq_len=cfg.max_seq_len, bits=cfg.bits)
         where = f"from {cfg.llama_path} and {cfg.clip_path}"
     elif cfg.preset in ARCHITECTURE:
         model = build_preset(ARCHITECTURE[cfg.preset], args=lavin_args(cfg))
@@ -222,6 +222,10 @@ def dry_run(cfg: TrainConfig, device: torch.device):
     else:
         raise UsageError(f"--dry_run needs the weights ({cfg.llama_path}, {cfg.clip_path}) for preset {cfg.preset}")
     print(f"{cfg.preset}: {where}\n{summary(model)}")
+    for bits in (16, 8, 4):  # bf16/fp16 embeddings, norms and output head; the blocks' linears at `bits`
+        n = llama_bytes(model.llama.args, bits)
+        print(f"{f'frozen LLaMA at {bits} bits':<32}{n:>16,} bytes ({n / 2**30:.2f} GiB)"
+              + ("  <- this run (--bits)" if bits == cfg.bits else ""))
     return model
 
 
@@ -321,8 +325,9 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     if rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lite = f" (LLaMA blocks' linear layers in {cfg.bits} bits)" if cfg.bits != 16 else ""
     run.say(f"{cfg.preset} on {cfg.dataset} ({len(ds)} samples): {n_train:,} trainable parameters, {world} "
-            f"process(es) on {device.type} in {str(dtype).split('.')[-1]}, effective batch {global_batch} "
+            f"process(es) on {device.type} in {str(dtype).split('.')[-1]}{lite}, effective batch {global_batch} "
             f"({cfg.batch_size} x {accum} accum x {world}), lr {lr:.3g}, {steps_per_epoch} steps/epoch, "
             f"{run.stop} steps from {run.step}")
     return run
@@ -332,7 +337,7 @@ def build_model(cfg: TrainConfig, device, dtype) -> tuple[LaVIN, object]:
     """(LaVIN, tokenizer): frozen backbones in dtype, fresh fp32 adapters, the same on every rank."""
     torch.manual_seed(cfg.seed)
     model, tok = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), dtype=dtype, device=device,
-                            max_seq_len=cfg.max_seq_len)
+                            max_seq_len=cfg.max_seq_len, bits=cfg.bits)
     model.llama.grad_checkpointing = model.visual.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         for block in [*model.llama.layers, *model.visual.transformer.resblocks]:
