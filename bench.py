@@ -39,7 +39,7 @@ from adapter import MMAdapter
 from evaluate import evaluate
 import quant
 from lavin import LLAMA_PRESETS, VIT_L14, LaVIN, LaVINArgs, llama_bytes, load_lavin
-from model import KVCache, Llama, ModelArgs
+from model import KVCache, Llama, ModelArgs, load_llama
 
 BENCH_ARGS = ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=16000, multiple_of=256, max_seq_len=1024)
 
@@ -496,9 +496,46 @@ def bench_sample_llama(device, dtype, args: ModelArgs, vit: dict, quick=False):
     return lines
 
 
+def anon_bytes() -> int:
+    """The process's anonymous resident memory (Linux): what it owns, without the pages of files it
+    maps, which belong to the page cache and go under memory pressure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def lite_load_memory(args: ModelArgs) -> str:
+    """Host memory while load_llama(bits=4) streams a random checkpoint in Meta's layout: the peak
+    growth of the process's own memory against the file and the quantized model."""
+    import threading
+
+    vit = dict(resolution=224, patch_size=14, width=64, layers=4, output_dim=32)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        llama_dir, _ = write_random_weights(Path(d), args, vit, torch.device("cpu"))
+        size = sum(f.stat().st_size for f in llama_dir.glob("consolidated.*.pth"))
+        before, peak, done = anon_bytes(), [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak.append(anon_bytes())
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=watch)
+        thread.start()
+        t0 = time.perf_counter()
+        model, _ = load_llama(llama_dir, dtype=torch.bfloat16, bits=4)
+        seconds = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    return (f"  load_llama(bits=4) of a {size / 1e9:.2f} GB fp16 checkpoint (dim {args.dim} x {args.n_layers} layers): "
+            f"{seconds:.1f} s; the model holds {quant.held_bytes(model) / 1e9:.2f} GB, the process's own memory grew "
+            f"by {(max(peak) - before) / 1e9:.2f} GB at its peak")
+
+
 def bench_lite(device, dtype, quick=False):
     """LaVIN-lite: the frozen LLaMA's bytes at 16, 8 and 4 bits (exact, from the configs); on the CPU
-    the shapes model's training step and decode at each bits; on a GPU LaVIN-7B-lite with random
+    the host memory of a streamed 4-bit load, and the shapes model's training step and decode at each bits; on a GPU LaVIN-7B-lite with random
     weights: the training step with gradient checkpointing at 1 x 512 and 4 x 512, eager and
     compiled, and decode at batch 1, eager and --compile."""
     lines = Report()
@@ -527,6 +564,9 @@ def bench_lite(device, dtype, quick=False):
             base.setdefault("decode", tokens)
             lines.append(f"{line}; decode, batch 1: {tokens:,.0f} tokens/s "
                          f"({rate / base['train']:.2f}x and {tokens / base['decode']:.2f}x 16 bits)")
+        if Path("/proc/self/status").is_file():  # last: its peak would be every line's peak memory above
+            lines.append(lite_load_memory(ModelArgs(dim=2048, n_layers=8, n_heads=16, vocab_size=32000, multiple_of=256,
+                                                    norm_eps=1e-6)))
         return lines
     args = LLAMA_PRESETS["7B"]
     model = random_lavin(device, dtype, args, VIT_L14)

@@ -121,9 +121,9 @@ def read_resume(cfg: TrainConfig) -> dict:
         if key != "adapter_dropout" and mine.get(key) != theirs:
             raise UsageError(f"--resume {path} was trained with {key}={theirs}, this run has {key}={mine.get(key)} "
                              f"(preset {ckpt['config'].get('preset')} vs {cfg.preset})")
-    for key in ("dataset", "epochs"):
-        if ckpt["config"].get(key) != getattr(cfg, key):
-            raise UsageError(f"--resume {path} comes from a run with {key}={ckpt['config'].get(key)}, "
+    for key, before in (("dataset", None), ("epochs", None), ("bits", 16)):  # bits: 16 before LaVIN-lite
+        if ckpt["config"].get(key, before) != getattr(cfg, key):
+            raise UsageError(f"--resume {path} comes from a run with {key}={ckpt['config'].get(key, before)}, "
                              f"this run has {key}={getattr(cfg, key)}")
     return ckpt
 

@@ -394,6 +394,8 @@ def test_train_at_4_bits_then_sample_the_run(tmp_path, capsys):
     with pytest.warns(UserWarning, match="trained against a 4-bit"):
         sample.main(sample.make_config(["--run", str(tmp_path / "run"), "--prompt", prompt, "--bits", "16",
                                         "--max_new_tokens", "2"]))
+    with pytest.raises(train.UsageError, match="comes from a run with bits=4, this run has bits=16"):
+        train.main(config(root, tmp_path / "other", resume=str(tmp_path / "run" / "checkpoint.pth"), max_steps=3))
 
 
 def test_two_processes_at_4_bits_equal_one(tmp_path):
