@@ -434,3 +434,21 @@ def test_compiled_quantized_blocks_give_the_eager_loss_and_gradients():
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
     for n in g_eager:
         torch.testing.assert_close(g_fused[n], g_eager[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: a minute on a cold cache
+def test_compiled_decode_at_4_bits_gives_the_eager_tokens():
+    """sample.py --compile --bits 4: the fixed-shape decode step over NF4 weights, compiled, decodes
+    the eager tokens (fp32 on the CPU), for image and text rows of different lengths."""
+    from generate import StaticDecoder, generate
+
+    torch.manual_seed(0)
+    model, tok = load_lavin(f"{BACKBONES}/llama", f"{BACKBONES}/clip/ViT-tiny.pt", LaVINArgs(), bits=4, max_seq_len=96)
+    model.eval()
+    prompts = [tok.encode(p, bos=True, eos=False) for p in
+               ("Question: Which color is the circle?\nOptions: (A) red (B) green\nAnswer:", "Question: What is 2+2?")]
+    r = model.visual.resolution
+    images = torch.randn(2, 3, r, r, generator=torch.Generator().manual_seed(2))
+    ind = torch.tensor([1, 0])
+    want = generate(model, tok, prompts, images, ind, max_new_tokens=12)
+    assert generate(model, tok, prompts, images, ind, max_new_tokens=12, decoder=StaticDecoder(model.llama)) == want
