@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from adapter import MMAdapter, RepAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
 from clip import VisionTransformer, load_clip
 from model import Llama, ModelArgs, load_llama
-from quant import bits_of, held_bytes, quantize_
+from quant import QuantLinear, bits_of, held_bytes, quantize_
 from router import modality_embedding
 
 IGNORE_INDEX = -100  # label of every position that carries no loss
@@ -329,7 +329,10 @@ def llama_bytes(args: ModelArgs, bits: int, dtype=torch.bfloat16) -> int:
 
 def summary(model: LaVIN) -> str:
     def count(module, trainable=None):
-        return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+        n = sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
+        if trainable is not True:  # quantized weights (LaVIN-lite) are frozen buffers: count the weights they hold
+            n += sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantLinear))
+        return n
 
     rows = [("total", count(model)), ("frozen", count(model, False)), ("trainable", count(model, True))]
     parts = {

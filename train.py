@@ -224,7 +224,8 @@ def dry_run(cfg: TrainConfig, device: torch.device):
     print(f"{cfg.preset}: {where}\n{summary(model)}")
     for bits in (16, 8, 4):  # bf16/fp16 embeddings, norms and output head; the blocks' linears at `bits`
         n = llama_bytes(model.llama.args, bits)
-        print(f"{f'frozen LLaMA at {bits} bits':<32}{n:>16,} bytes ({n / 2**30:.2f} GiB)"
+        size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+        print(f"{f'frozen LLaMA at {bits} bits':<32}{n:>16,} bytes ({size})"
               + ("  <- this run (--bits)" if bits == cfg.bits else ""))
     return model
 

@@ -288,6 +288,12 @@ def test_lavin_at_4_and_8_bits_stays_near_16_bits_on_the_shapes_backbones():
     assert (out[4].argmax(-1) == out[16].argmax(-1)).float().mean() > 0.9
 
 
+def test_the_summary_counts_quantized_weights_as_frozen_parameters():
+    from lavin import summary
+
+    assert summary(lite(4)) == summary(lite(8)) == summary(tiny_lavin(seed=0))
+
+
 def test_a_quantized_model_refuses_to_fold():
     with pytest.raises(ValueError, match="quantized to 4 bits"):
         lite(4).fold(1)
