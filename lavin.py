@@ -264,7 +264,11 @@ def load_adapters(model: LaVIN, path, ckpt: dict | None = None):
         state = convert_official(state)
     load_trainable(model, state, source=str(path))
     trained, have = trained_bits(ckpt), bits_of(model.llama)
-    if trained != have:
+    if official and trained == 8:  # bitsandbytes' Linear8bitLt: int8 activations with fp16 outliers
+        warnings.warn(f"{path} was trained against bitsandbytes' LLM.int8() LLaMA (the official --bits 8bit), which "
+                      f"this project does not implement; this model's LLaMA is {have}-bit, so its answers may differ",
+                      stacklevel=2)
+    elif trained != have:
         kind = {4: "a 4-bit (NF4) LLaMA", 8: "an 8-bit LLaMA", 16: "a 16-bit LLaMA"}[trained]
         warnings.warn(f"{path} was trained against {kind}{' (LaVIN-lite)' if trained == 4 else ''}; this model's "
                       f"LLaMA is {have}-bit, so its answers may differ: load it with bits={trained} (--bits {trained})",

@@ -20,8 +20,9 @@ model would, up to the quantization error. Here the same format, written out:
 
 8 bits: int8 codes round(W * 127 / absmax) with one fp32 absmax per output row (weight-only int8).
 
-The forward dequantizes the weight on every call and keeps no full-precision copy between calls;
-under torch.compile the dequantization fuses with its neighbours. Codes are chosen as
+The forward dequantizes the weight on every call, and the backward pass again (QuantMatmul): no
+full-precision copy outlives a call, in training either; torch.compile fuses the dequantization
+with its neighbours. Codes are chosen as
 bitsandbytes chooses them (scale by the reciprocal absmax in fp32, the nearest code value, a tie
 to the lower one), so an adapter checkpoint of the official lite meets the backbone it was trained
 against. This file imports no other of the project: model.py's loader quantizes with it.
@@ -57,10 +58,13 @@ def blockwise(x: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Te
     """x (n,) in blocks of `block` -> (the nearest code's index of each value (n,) uint8, each
     block's absmax (blocks,) fp32). A tie between two code values goes to the lower."""
     n = x.numel()
-    blocks = F.pad(x.float(), (0, -n % block)).view(-1, block)  # (blocks, block): zeros change no absmax
+    blocks = x.float()
+    if n % block:
+        blocks = F.pad(blocks, (0, -n % block))  # zeros change no absmax
+    blocks = blocks.view(-1, block)  # (blocks, block)
     absmax = blocks.abs().amax(1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).flatten()[:n]
-    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8), absmax
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1).flatten()[:n]
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8), absmax
 
 
 def per_block(values: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
@@ -69,6 +73,36 @@ def per_block(values: torch.Tensor, scales: torch.Tensor, block: int) -> torch.T
     if n % block:
         values = F.pad(values, (0, -n % block))
     return (values.view(-1, block) * scales[:, None]).flatten()[:n]  # (blocks, block) -> (n,)
+
+
+def dequantize(shape, dtype, weight, absmax, nested_absmax=None, offset=None, quant_map=None, nested_quant_map=None):
+    """The (out, in) weight in dtype from a QuantLinear's buffers: int8 codes and row absmaxes, or
+    NF4 (the last four given). Computed in fp32, as bitsandbytes does, then cast."""
+    if quant_map is None:
+        w = weight.float() * (absmax / 127.0)[:, None]
+    else:
+        scales = per_block(nested_quant_map[absmax.int()], nested_absmax, NESTED_BLOCK) + offset  # (n/64,)
+        codes = torch.stack((weight >> 4, weight & 15), -1).flatten()  # (n/2, 2) -> (n,): high nibble first
+        w = per_block(quant_map[codes.int()], scales, BLOCK)
+    return w.view(shape).to(dtype)
+
+
+class QuantMatmul(torch.autograd.Function):
+    """y = x W^T with W dequantized again in the backward pass. F.linear would keep its W, a 16-bit
+    copy of every layer's weight, for the input's gradient until the backward pass; this keeps the
+    layer's codes, as bitsandbytes' MatMul4Bit does."""
+
+    @staticmethod
+    def forward(ctx, x, shape, dtype, *buffers):
+        ctx.shape = shape
+        ctx.save_for_backward(*buffers)
+        return F.linear(x, dequantize(shape, dtype, *buffers))
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors  # read once: gradient checkpointing allows one unpacking
+        w = dequantize(ctx.shape, grad.dtype, *saved)  # (out, in)
+        return grad @ w, None, None, *[None] * len(saved)  # (..., out) @ (out, in): (..., in)
 
 
 class QuantLinear(nn.Module):
@@ -122,18 +156,17 @@ class QuantLinear(nn.Module):
         layer = cls(in_features, out_features, bits, dtype or weight.dtype, device=weight.device)
         return layer.quantize_(weight)
 
+    def buffers_in_order(self) -> tuple:
+        names = ("weight", "absmax") if self.bits == 8 else \
+            ("weight", "absmax", "nested_absmax", "offset", "quant_map", "nested_quant_map")
+        return tuple(getattr(self, name) for name in names)
+
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The weight this layer multiplies by, (out_features, in_features), in dtype (default: its own)."""
-        if self.bits == 8:
-            w = self.weight.float() * (self.absmax / 127.0)[:, None]
-        else:
-            absmax = per_block(self.nested_quant_map[self.absmax.int()], self.nested_absmax, NESTED_BLOCK)
-            codes = torch.stack((self.weight >> 4, self.weight & 15), -1).flatten()  # (n,)
-            w = per_block(self.quant_map[codes.int()], absmax + self.offset, BLOCK)
-        return w.view(self.out_features, self.in_features).to(dtype or self.dtype)
+        return dequantize((self.out_features, self.in_features), dtype or self.dtype, *self.buffers_in_order())
 
     def forward(self, x):
-        return F.linear(x, self.dequantize())
+        return QuantMatmul.apply(x, (self.out_features, self.in_features), self.dtype, *self.buffers_in_order())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, dtype={self.dtype}"

@@ -162,12 +162,42 @@ def test_forward_is_linear_with_dequantize_and_gradients_reach_the_input():
         layer = QuantLinear.from_weight(w, bits)
         assert list(layer.parameters()) == []  # nothing of it trains
         x = torch.randn(3, 5, 128, requires_grad=True)
-        y = layer(x)
-        assert torch.equal(y, F.linear(x, layer.dequantize()))
-        y.sum().backward()
-        torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(3, 5, 128))
+        ref = x.detach().clone().requires_grad_(True)
+        g = torch.randn(3, 5, 48)
+        y, y_ref = layer(x), F.linear(ref, layer.dequantize())
+        assert torch.equal(y, y_ref)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, ref.grad)
         assert layer.dequantize(torch.bfloat16).dtype == torch.bfloat16
         assert layer.dequantize().shape == (48, 128)
+        x.grad = ref.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py runs it on a GPU: as F.linear does
+            y, y_ref = layer(x), F.linear(ref, layer.dequantize())
+            assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+            y.backward(g.bfloat16())
+            y_ref.backward(g.bfloat16())
+        assert x.grad.dtype == torch.float32
+        torch.testing.assert_close(x.grad, ref.grad, rtol=0.01, atol=0.01)
+
+
+def test_training_keeps_the_codes_not_a_full_precision_weight():
+    """What autograd holds for the backward pass: F.linear would keep the dequantized (out, in)
+    weight of every layer until then, 16 bits per weight; a QuantLinear keeps its own buffers."""
+    for bits in (4, 8):
+        layer = QuantLinear.from_weight(torch.randn(64, 256), bits)
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        x = torch.randn(4, 256, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum().backward()
+        held = {n: t for n, t in layer.named_buffers()}
+        assert saved and all(any(t is b for b in held.values()) for t in saved), [t.shape for t in saved]
+        assert not any(t.is_floating_point() and t.shape == (64, 256) for t in saved)
 
 
 def test_no_full_precision_copy_is_kept_between_calls():
@@ -324,6 +354,9 @@ def test_an_official_lite_checkpoint_at_16_bits_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapters(lite(4), tmp_path / "checkpoint-19.pth")  # met with the backbone it was trained on
+    torch.save(official_checkpoint(model, args=argparse.Namespace(**{**vars(ns), "bits": "8bit"})), tmp_path / "c8.pth")
+    with pytest.warns(UserWarning, match=r"LLM.int8\(\) LLaMA \(the official --bits 8bit\)"):
+        load_adapters(lite(8), tmp_path / "c8.pth")  # our int8 is weight-only: not the same backbone
 
 
 def test_agrees_with_bitsandbytes():
@@ -347,8 +380,10 @@ def test_agrees_with_bitsandbytes():
         x = quant.per_block(absmax - ours.offset, 1 / ours.nested_absmax, 256)
         for i in differ:
             assert abs(x[i] - code[ours.absmax[i].int()]) <= abs(x[i] - code[state.absmax[i].int()])
-        if not len(differ):
-            assert torch.equal(ours.dequantize(), bnb.dequantize_4bit(packed, state))
+        same = ours.absmax == state.absmax  # the dequantized weights of those blocks: bit for bit
+        theirs = bnb.dequantize_4bit(packed, state).view(-1, 64)
+        assert ours.dequantize().dtype == theirs.dtype == dtype
+        assert torch.equal(ours.dequantize().view(-1, 64)[same], theirs[same])
 
 
 # ----------------------------------------------------------------------------- train.py, sample.py --bits
