@@ -13,29 +13,15 @@ import torch.nn as nn
 import data
 import evaluate
 import train
-from config import PRESETS
 from generate import ContextTooLong, generate, prefill_embeddings, sample_next
 from router import IMAGE, TEXT, Router
 from tests.test_lavin import tiny_lavin
 from tests.test_sample import eos_is, random_lavin, rows
 from tests.test_sample import world  # noqa: F401  (the fixture)
+from tests.test_train import config
 from train import TrainConfig, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory) -> Path:
-    from data import shapes
-
-    return shapes.ensure(tmp_path_factory.mktemp("guards") / "shapes", n_problems=60, seed=0, quiet=True)
-
-
-def config(tiny_set, out, **kw) -> TrainConfig:
-    """The shapes preset, shrunk: 24 training samples, 3 steps of 8 per epoch."""
-    base = dict(PRESETS["shapes"], preset="shapes", data_path=str(tiny_set), output_dir=str(out), epochs=2,
-                batch_size=4, effective_batch=8, skip_eval=True)
-    return TrainConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- the optimizer step
