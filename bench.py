@@ -562,10 +562,10 @@ def bench_lite(device, dtype, quick=False):
                  f"GB at 4 bits (not quantized)")
     reps = 2 if quick else 5
     if device.type == "cpu":
-        base = {}
+        base, batches = {}, None
         for bits in (16, 8, 4):
             root, model, tok = shapes_model(bits)
-            batches, _ = shapes_batches(model, tok, root)
+            batches = batches or shapes_batches(model, tok, root)[0]  # the same samples at every bits
             line, rate = measure_step(model, batches, f"shapes model at {bits} bits, training step, batch 32", device,
                                       dtype, reps)
             model.eval()
@@ -596,6 +596,8 @@ def bench_lite(device, dtype, quick=False):
             except torch.cuda.OutOfMemoryError:
                 lines.append(f"  {tag}: out of memory")
                 torch.cuda.empty_cache()
+    del model  # its blocks are compiled: decode gets a fresh one, after this one is freed
+    torch.cuda.empty_cache()
     model = random_lavin(device, dtype, dataclasses.replace(args, max_seq_len=640), VIT_L14).eval()
     quant.quantize_(model.llama.layers, 4)
     torch.cuda.empty_cache()
