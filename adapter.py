@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from model import check_state
-from router import Router
+from router import Router, adapter_input
 
 
 class GroupedLinear(nn.Module):
@@ -61,11 +61,36 @@ class RepAdapter(nn.Module):
         nn.init.zeros_(self.conv_B.weight)
         nn.init.zeros_(self.conv_B.bias)
 
+    def paths(self) -> list:
+        """The up-projections, one per reasoning path."""
+        return [self.conv_B]
+
+    def up_paths(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Every path's up-projection of h (B, L, hidden), bias added: one (B, L, dim) each. A
+        grouped layer is a matmul per group, so one batched matmul over the groups does it: the
+        kernel GroupedLinear's einsum ends in, without the dozen view and copy ops einsum adds
+        around it each way (on a GPU each op is a kernel launch, and launches dominated the eager
+        step). The same kernel in the same order: the same bits as the einsum, gradients too.
+        (One matmul for both paths would save a few more ops, but sums the two paths' gradients
+        inside it, in another order: other bits, another laptop table.)"""
+        g, hidden = self.conv_B.groups, h.shape[-1]
+        hg = h.reshape(-1, g, hidden // g).transpose(0, 1)  # (g, B*L, hidden/g)
+        out = []
+        for up in self.paths():
+            w = up.weight.view(g, -1, hidden // g).transpose(1, 2)  # (g, hidden/g, dim/g)
+            y = torch.bmm(hg, w).transpose(0, 1).reshape(*h.shape[:-1], -1)  # (g, B*L, dim/g) -> (B, L, dim)
+            out.append(y + up.bias.to(y.dtype))  # under autocast y is half precision: keep it so
+        return out
+
+    def scaled(self, y):
+        return y if self.scale == 1 else self.scale * y  # s = 1 in the paper: no kernel spent on it
+
     def forward(self, x, weights=None):
         """x (B, L, dim); weights: unused, one path serves every modality (the ablation of LaVIN
         without a router, train.py --no_router)."""
-        xa = x.to(self.conv_A.weight.dtype)  # fp32 adapters on a half-precision backbone
-        return (xa + self.scale * self.conv_B(self.dropout(self.conv_A(xa)))).to(x.dtype)
+        xa = adapter_input(x, self.conv_A.weight)
+        up, = self.up_paths(self.dropout(self.conv_A(xa)))  # (B, L, dim)
+        return (xa + self.scaled(up)).to(x.dtype)
 
     def up(self, weights=None):
         """The up-projection as a dense (dim, hidden) matrix and its bias, in float64."""
@@ -91,16 +116,18 @@ class MMAdapter(RepAdapter):
         nn.init.zeros_(self.conv_D.bias)
         self.expert_weights = Router(dim, temperature)
 
+    def paths(self) -> list:
+        return [self.conv_B, self.conv_D]
+
     def forward(self, x, weights=None):
         """x (B, L, dim); weights (B, 1, 2) from the modality token, or (B, L, 2), or None to
         route each token on its own hidden state (as in CLIP)."""
-        xa = x.to(self.conv_A.weight.dtype)  # fp32 adapters on a half-precision backbone
+        xa = adapter_input(x, self.conv_A.weight)
         if weights is None:
             weights = self.expert_weights(xa)
-        h = self.dropout(self.conv_A(xa))  # (B, L, hidden)
-        w = weights.to(h.dtype)
-        out = xa + self.scale * (self.conv_B(h) * w[..., :1] + self.conv_D(h) * w[..., 1:])
-        return out.to(x.dtype)
+        up_B, up_D = self.up_paths(self.dropout(self.conv_A(xa)))  # each (B, L, dim)
+        w = weights.to(up_B.dtype)
+        return (xa + self.scaled(up_B * w[..., :1] + up_D * w[..., 1:])).to(x.dtype)
 
     def up(self, weights):
         """Both up-projections mixed by routing weights (2,): (dim, hidden) and (dim,), float64."""

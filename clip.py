@@ -82,7 +82,14 @@ class ResidualAttentionBlock(nn.Module):
         # LaVIN's MM-adapter slot: any module (B, L, D) -> (B, L, D); empty means the plain CLIP block
         self.adapter_attn: nn.Module | None = None
 
-    def forward(self, x):
+    def forward(self, x, recompute: bool = False):
+        """recompute: keep only x for the backward pass and run the block again there (gradient
+        checkpointing), decided inside the block so that torch.compile compiles it with the block."""
+        if recompute:
+            return checkpoint(self.layer, x, use_reentrant=False)
+        return self.layer(x)
+
+    def layer(self, x):
         h = self.ln_1(x)
         if self.adapter_attn is not None:
             h = self.adapter_attn(h)
@@ -131,8 +138,7 @@ class VisionTransformer(nn.Module):
         x, out = self.embed(images), []
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.resblocks, start=1):
-            # grad_checkpointing: keep only each block's input, rerun the block in the backward pass
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = block(x, recompute)
             if i % every == 0:
                 out.append(x[:, 0])
         return torch.stack(out, dim=1)  # (B, layers // every, D)

@@ -3,7 +3,7 @@ recipes as presets, and the checks that turn bad input into one line before any 
 
     defaults (TrainConfig) ─> the preset (by default the dataset's own) ─> the flags given
       └─ resolve(): empty paths filled in, values checked ─> check_inputs(): the files exist
-      └─ evaluations(): what the run scores at its end
+      └─ evaluations(): what the run scores at its end;  dry_run(): --dry_run's summary
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import data
-from lavin import LaVINArgs
+from lavin import LaVINArgs, build_preset, llama_bytes, load_lavin, summary
 from runtime import UsageError, field_help
 
 
@@ -55,7 +57,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | bf16 | fp16 | fp32
     grad_checkpointing: bool = False  # recompute the frozen blocks in the backward pass
     bits: int = 16  # LLaMA blocks' linear layers: 16 (as --precision) | 8 (int8 per row) | 4 (NF4: LaVIN-lite)
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool = False  # torch.compile each transformer block, on the CPU too (on a GPU it is the default)
+    no_compile: bool = False  # run eagerly on a GPU too (no torch.compile)
     skip_bad_images: bool = False  # drop samples whose image file is unreadable instead of stopping
     dry_run: bool = False  # build the model, print the parameter summary, stop
     skip_eval: bool = False  # no evaluation at the end
@@ -229,3 +232,24 @@ def check_output(cfg: TrainConfig):
     if held and not cfg.resume and not cfg.overwrite:
         raise UsageError(f"{out} already holds a run ({', '.join(held)}): continue it with --resume "
                          f"{out / 'checkpoint.pth'}, or write to a new --output_dir (--overwrite replaces it)")
+
+
+def dry_run(cfg: TrainConfig, device: torch.device):
+    """The parameter summary and the frozen LLaMA's bytes at 16, 8 and 4 bits: from the weights
+    when they are there, else from the preset's config on the meta device (no memory, no files)."""
+    if Path(cfg.llama_path).is_dir() and Path(cfg.clip_path).is_file():
+        model, _ = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), device=device, dtype=torch.float32,
+                              max_seq_len=cfg.max_seq_len, bits=cfg.bits)
+        where = f"from {cfg.llama_path} and {cfg.clip_path}"
+    elif cfg.preset in ARCHITECTURE:
+        model = build_preset(ARCHITECTURE[cfg.preset], args=lavin_args(cfg))
+        where = f"{ARCHITECTURE[cfg.preset]}'s LLaMA and ViT-L/14 configs on the meta device (no weights read)"
+    else:
+        raise UsageError(f"--dry_run needs the weights ({cfg.llama_path}, {cfg.clip_path}) for preset {cfg.preset}")
+    print(f"{cfg.preset}: {where}\n{summary(model)}")
+    for bits in (16, 8, 4):  # bf16/fp16 embeddings, norms and output head; the blocks' linears at `bits`
+        n = llama_bytes(model.llama.args, bits)
+        size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+        print(f"{f'frozen LLaMA at {bits} bits':<32}{n:>16,} bytes ({size})"
+              + ("  <- this run (--bits)" if bits == cfg.bits else ""))
+    return model

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def evaluate_split(model: LaVIN, tokenizer, task, *, output_dir: str, batch_size
     outputs.json ({pid: text}) and the task's own files into output_dir, prints the table and
     returns the result (None on the other ranks)."""
     max_new_tokens = min(max_new_tokens, getattr(task, "max_new_tokens", max_new_tokens))  # MME: 20
-    stats = {}
+    stats, t0 = {}, time.perf_counter()
     texts = evaluate(model, tokenizer, task, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      early_stop=early_stop, rank=rank, world_size=world_size, device=device,
                      autocast_dtype=autocast_dtype, progress=progress, stats=stats, compile=compile)
@@ -96,6 +97,8 @@ def evaluate_split(model: LaVIN, tokenizer, task, *, output_dir: str, batch_size
         dist.all_gather_object(parts, (texts, stats))
     if rank != 0:
         return None
+    seconds = time.perf_counter() - t0  # every rank's shard, gathered: the evaluation's wall time (printed,
+    # not written: results.json holds what the same run gives again)
     texts = {pid: t for part, _ in parts for pid, t in part.items()}
     n = sum(st["problems"] for _, st in parts)
     result, files = task.score(texts)
@@ -106,6 +109,8 @@ def evaluate_split(model: LaVIN, tokenizer, task, *, output_dir: str, batch_size
     for name, obj in {**files, "results.json": result, "outputs.json": texts}.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
     print(task.table(result))
-    print(f"decode steps per problem: {result['decode_steps_per_problem']} (the reference: {max_new_tokens}); "
+    kind = "compiled" if compile else "eager"
+    print(f"{n} problems in {seconds:.1f} s ({n / seconds:,.1f} problems/s, {kind} decode), "
+          f"decode steps per problem: {result['decode_steps_per_problem']} (the reference: {max_new_tokens}); "
           f"wrote {out / 'results.json'}, {', '.join([*files, 'outputs.json'])}")
     return result

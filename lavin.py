@@ -204,6 +204,14 @@ class LaVIN(nn.Module):
         return self
 
 
+def compile_blocks(model: LaVIN):
+    """torch.compile every transformer block of both backbones (train.py's default on a GPU). Each
+    block is compiled on its own, gradient checkpointing inside it (Block.forward), so the compiler
+    fuses the recomputation too; blocks of one shape share their compiled code."""
+    for block in [*model.llama.layers, *model.visual.transformer.resblocks]:
+        block.compile()
+
+
 def load_lavin(llama_path, clip_path, args: LaVINArgs | None = None, dtype=torch.float32, device="cpu",
                max_seq_len: int = 2048, bits: int = 16):
     """(LaVIN, Tokenizer) from a LLaMA folder (Meta's or Hugging Face's layout) and an OpenAI CLIP

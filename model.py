@@ -13,10 +13,10 @@ Attention uses grouped-query heads, Meta's rotary embedding (adjacent dims form 
 optional KV cache: batched prefill of left-padded prompts, then one-token decode steps, either by
 `forward` or by `decode_step`, whose shapes never change (for torch.compile and CUDA graphs).
 
-Part 2 loads Meta's layout (`params.json`, `consolidated.NN.pth` shards, `tokenizer.model`) and
-the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or `*.safetensors`),
-one tensor at a time; with bits=4 or 8 the blocks' linear layers are quantized (quant.py) as
-their weights stream in (LaVIN-lite).
+Part 2 loads Meta's layout (`params.json`, `consolidated.NN.pth` shards, `tokenizer.model`, read
+by tokenizer.py) and the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or
+`*.safetensors`), one tensor at a time; with bits=4 or 8 the blocks' linear layers are quantized
+(quant.py) as their weights stream in (LaVIN-lite).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from quant import QuantLinear, quantize_
+from tokenizer import Tokenizer, find_tokenizer
 
 
 @dataclass
@@ -85,17 +86,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos and sin of the rotation for each position, (..., T, 1, head_dim/2), fp32."""
+    """Each position's rotation as the factors apply_rope multiplies by, made once per forward:
+    cos = (c, c) and sin = (-s, s) for each pair of dims, each (..., T, 1, head_dim/2, 2), fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
-    return angles.cos()[..., None, :], angles.sin()[..., None, :]
+    angles = positions.float()[..., None, None] * inv_freq  # (..., T, 1, hd/2)
+    c, s = angles.cos(), angles.sin()
+    return torch.stack((c, c), -1), torch.stack((-s, s), -1)  # each (..., T, 1, hd/2, 2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate dims (0,1), (2,3), ... of each head: Meta's complex-number form, in real arithmetic."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, hd/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, hd/2, 2)
-    return out.flatten(-2).type_as(x)
+    """Rotate dims (0,1), (2,3), ... of each head: Meta's complex-number form, in real arithmetic,
+    (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) = (x0, x1) * (c, c) + (x1, x0) * (-s, s)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    return (pairs * cos + pairs.flip(-1) * sin).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -112,7 +115,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # None: no rotation (Llama.route's lone token, whose position is moot)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
         if kv is not None and isinstance(start, torch.Tensor):  # Llama.decode_step: fixed shapes
             k_buf, v_buf = kv
@@ -155,9 +159,16 @@ class Block(nn.Module):
         self.adapter_attn: nn.Module | None = None
         self.adapter_mlp: nn.Module | None = None
 
-    def forward(self, x, cos, sin, mask=None, kv=None, start=0, routes=None):
+    def forward(self, x, cos, sin, mask=None, kv=None, start=0, routes=None, recompute: bool = False):
         """routes: this block's router weights (attn, mlp), each (B, 1, 2), or None to let every
-        adapter route each token on its own hidden state. Returns (x, the routes used)."""
+        adapter route each token on its own hidden state. Returns (x, the routes used). recompute:
+        keep only x and run the block again in the backward pass (gradient checkpointing), decided
+        inside the block so that a compiled block compiles the recomputation too."""
+        if recompute:
+            return checkpoint(self.layer, x, cos, sin, mask, kv, start, routes, use_reentrant=False)
+        return self.layer(x, cos, sin, mask, kv, start, routes)
+
+    def layer(self, x, cos, sin, mask=None, kv=None, start=0, routes=None):
         w_attn = w_mlp = None
         h = self.attention_norm(x)
         if self.adapter_attn is not None:
@@ -241,17 +252,12 @@ class Llama(nn.Module):
             real = keys[None, None, None, :] >= cache.pad[:, None, None, None]  # (B, 1, 1, S)
             # A padding query sees itself: some SDPA kernels give NaN for a row with no key to see.
             mask = mask & (real | (keys[None, :] == slots[:, None])[None, None])  # (B, 1, T, S)
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
-        if cos.dim() == 3:  # shared positions: (T, 1, hd/2) -> (1, T, 1, hd/2)
-            cos, sin = cos[None], sin[None]
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # ([B,] T, 1, hd/2, 2)
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             r = routes[i] if routes is not None else None
-            if recompute:  # keep only each block's input; rerun the block in the backward pass
-                h, _ = checkpoint(layer, h, cos, sin, mask, kv, start, r, use_reentrant=False)
-            else:
-                h, _ = layer(h, cos, sin, mask, kv, start, r)
+            h, _ = layer(h, cos, sin, mask, kv, start, r, recompute)
         if cache is not None:
             cache.len += T
         return self.output(self.norm(h)) if head else h
@@ -268,7 +274,7 @@ class Llama(nn.Module):
         keys = torch.arange(cache.max_len, device=embeds.device)  # (S,)
         mask = (keys <= slot) & (keys >= cache.pad[:, None])  # (B, S): written, and not padding
         positions = (slot - cache.pad)[:, None] + pos_offset  # (B, 1): counted from the first real token
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # (B, 1, 1, hd/2)
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # (B, 1, 1, hd/2, 2)
         h = embeds
         for i, layer in enumerate(self.layers):
             r = routes[i] if routes is not None else None
@@ -279,32 +285,11 @@ class Llama(nn.Module):
         """Run single tokens m (B, 1, dim) through every block on their own and return the router
         weights each block's adapters chose. LaVIN's modality token sees only itself, so this is
         all it does; the text then runs on the causal fast path with these weights."""
-        cos = torch.ones(1, 1, 1, self.args.head_dim // 2, device=m.device)  # position is moot:
-        sin = torch.zeros_like(cos)  # a token attending to itself alone gets its own value
         routes = []
-        for layer in self.layers:
-            m, r = layer(m, cos, sin)
+        for layer in self.layers:  # no rotation: a token attending to itself alone gets its own value
+            m, r = layer(m, None, None)
             routes.append(r)
         return routes
-
-
-class Tokenizer:
-    """LLaMA's sentencepiece tokenizer: BOS 1, EOS 2, no pad token."""
-
-    def __init__(self, path: str | Path):
-        import sentencepiece as spm
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no sentencepiece tokenizer at {path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.decode(list(ids))
 
 
 # ----------------------------------------------------------------------------- checkpoint loading
@@ -317,13 +302,6 @@ SKIPPED_KEYS = {"rope.freqs"}  # LLaMA-1 files carry the rotary table; we comput
 def shard_dim(key: str) -> int | None:
     name = key.rsplit(".", 2)[-2]  # "layers.0.attention.wq.weight" -> "wq"
     return SHARD_DIM.get(name)
-
-
-def find_tokenizer(folder: Path) -> Path:
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no tokenizer.model in {folder} or its parent {folder.parent}")
 
 
 def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 2048, bits: int = 16):

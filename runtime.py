@@ -46,6 +46,22 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def use_compile(compile: bool, no_compile: bool, device: torch.device) -> tuple[bool, str]:
+    """(compile or not, a note for the user or ""). On a GPU torch.compile is the default: eager
+    PyTorch spends most of a LaVIN step launching thousands of small kernels. On the CPU it stays
+    opt-in (inductor's C++ compile takes minutes there and buys little)."""
+    import importlib.util
+
+    if compile and no_compile:
+        raise UsageError("--compile and --no_compile contradict each other: give one")
+    wanted = compile or (device.type == "cuda" and not no_compile)
+    if wanted and device.type == "cuda" and importlib.util.find_spec("triton") is None:  # torch.compile's GPU backend
+        if compile:
+            raise UsageError("--compile on a GPU needs triton (pip install triton); or leave out --compile")
+        return False, "torch.compile needs triton on a GPU (pip install triton): running eagerly, more slowly"
+    return wanted, ""
+
+
 class Interrupted(Exception):
     """A training run stopped on Ctrl-C (or SIGTERM) after saving: the message says how to continue."""
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from quant import bits_of
 from router import IMAGE, TEXT
-from runtime import UsageError, busy_cores_note, field_help, pick_dtype, setup_distributed
+from runtime import UsageError, busy_cores_note, field_help, pick_dtype, setup_distributed, use_compile
 
 
 @dataclass
@@ -65,7 +64,8 @@ class SampleConfig:
     max_seq_len: int = 0  # 0 = the run's, else 512 (the official evaluation's)
     image_mode: str = ""  # lavin | clip (see clip.preprocess); "" = the run's, else lavin
     device: str = ""  # "" = cuda if there is one, else cpu
-    compile: bool = False  # decode steps of fixed shapes, torch.compile'd (a CUDA graph on a GPU); see StaticDecoder
+    compile: bool = False  # decode steps of fixed shapes, torch.compile'd, on the CPU too (on a GPU: the default)
+    no_compile: bool = False  # decode eagerly on a GPU too
     precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
     bits: int = 0  # LLaMA blocks' linear layers in 16 | 8 | 4 bits (NF4: LaVIN-lite); 0 = the run's, else 16
 
@@ -266,11 +266,11 @@ def main(cfg: SampleConfig):
     """The answer (--prompt), the answers (chat) or the results dict (evaluation; None off rank 0)."""
     cfg, mode = resolve(cfg)
     rank, world, device = setup_distributed(cfg.device)
-    note = busy_cores_note(device)
-    if note and rank == 0:
-        print(f"note: {note}", file=sys.stderr)
-    if cfg.compile and device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise UsageError("--compile on a GPU needs triton (pip install triton); or leave out --compile")
+    compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device)
+    cfg = dataclasses.replace(cfg, compile=compiled)  # from here: what this run does
+    for note in (busy_cores_note(device), compile_note):
+        if note and rank == 0:
+            print(f"note: {note}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg, device, pick_dtype(cfg.precision, device))
     image = read_image(cfg.image, model, cfg.image_mode).to(device) if cfg.image else None

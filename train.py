@@ -27,6 +27,7 @@ and makes accuracy depend on the GPU count).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -42,12 +43,12 @@ from torch.utils.data import DataLoader
 
 import data
 from adapter import load_trainable, trainable_state_dict
-from config import (ARCHITECTURE, TrainConfig, check_inputs, check_output, evaluations, lavin_args, make_config,
-                    resolve)
+from config import TrainConfig, check_inputs, check_output, dry_run, evaluations, lavin_args, make_config, resolve
 from data.batching import IGNORE_INDEX
+from data.table import show_samples
 from evaluate import evaluate_split
-from lavin import LaVIN, atomic_save, build_preset, llama_bytes, load_lavin, save_adapters, summary
-from runtime import Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, setup_distributed
+from lavin import LaVIN, atomic_save, compile_blocks, load_lavin, save_adapters
+from runtime import Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, setup_distributed, use_compile
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -69,13 +70,15 @@ def lr_at(epoch: float, cfg: TrainConfig, lr: float) -> float:
 
 
 def make_optimizer(model: LaVIN, cfg: TrainConfig, lr: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and 1-D parameters."""
+    """AdamW over the trainable parameters; no weight decay on biases and 1-D parameters. fused:
+    one kernel for all of them (CUDA); else the multi-tensor (foreach) update, a few ops for all
+    parameters instead of a dozen per parameter, and on the CPU the same bits as the plain loop."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused, foreach=not fused)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -126,23 +129,6 @@ def read_resume(cfg: TrainConfig) -> dict:
             raise UsageError(f"--resume {path} comes from a run with {key}={ckpt['config'].get(key, before)}, "
                              f"this run has {key}={getattr(cfg, key)}")
     return ckpt
-
-
-def show_samples(cfg: TrainConfig, out: Path, task) -> None:
-    """samples.png (a dozen test images, the model's answers) and the next command to try."""
-    from data.scienceqa import build_prompt
-    from data.table import draw_samples
-
-    preds = json.loads((out / "preds.json").read_text())
-    drawn = draw_samples(task.root, cfg.eval_split, preds, out / "samples.png", problems=task.problems)
-    if not drawn:
-        return
-    pid = drawn[0][0]
-    problem = task.problems[pid]
-    prompt = build_prompt(problem, cfg.prompt_format)[0].replace("\n", "\\n")  # as typed in a shell
-    image = Path(task.root) / "images" / cfg.eval_split / pid / problem["image"]
-    print(f"wrote {out / 'samples.png'} ({sum(r for _, r in drawn)} of {len(drawn)} right). Ask it yourself:\n"
-          f'  python sample.py --run {out} --image {image} --prompt "{prompt}"')
 
 
 # ----------------------------------------------------------------------------- data
@@ -209,27 +195,6 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> f
 
 # ----------------------------------------------------------------------------- the run
 
-def dry_run(cfg: TrainConfig, device: torch.device):
-    """The parameter summary and the frozen LLaMA's bytes at 16, 8 and 4 bits: from the weights
-    when they are there, else from the preset's config on the meta device (no memory, no files)."""
-    if Path(cfg.llama_path).is_dir() and Path(cfg.clip_path).is_file():
-        model, _ = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), device=device, dtype=torch.float32,
-                              max_seq_len=cfg.max_seq_len, bits=cfg.bits)
-        where = f"from {cfg.llama_path} and {cfg.clip_path}"
-    elif cfg.preset in ARCHITECTURE:
-        model = build_preset(ARCHITECTURE[cfg.preset], args=lavin_args(cfg))
-        where = f"{ARCHITECTURE[cfg.preset]}'s LLaMA and ViT-L/14 configs on the meta device (no weights read)"
-    else:
-        raise UsageError(f"--dry_run needs the weights ({cfg.llama_path}, {cfg.clip_path}) for preset {cfg.preset}")
-    print(f"{cfg.preset}: {where}\n{summary(model)}")
-    for bits in (16, 8, 4):  # bf16/fp16 embeddings, norms and output head; the blocks' linears at `bits`
-        n = llama_bytes(model.llama.args, bits)
-        size = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
-        print(f"{f'frozen LLaMA at {bits} bits':<32}{n:>16,} bytes ({size})"
-              + ("  <- this run (--bits)" if bits == cfg.bits else ""))
-    return model
-
-
 @dataclass
 class Run:
     """What the loop works with, made once by setup()."""
@@ -263,8 +228,10 @@ def main(cfg: TrainConfig, notes=()) -> dict:
     """Train (and evaluate) as cfg says; returns {"steps", "loss", "skipped", "eval", "model"}."""
     cfg = resolve(cfg)
     rank, world, device = setup_distributed(cfg.device)
+    compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device)  # on a GPU by default
+    cfg = dataclasses.replace(cfg, compile=compiled)  # from here: what this run does
     threads_note = busy_cores_note(device)  # the CPU threads of this process, said when fewer than cores
-    for note in [*notes, threads_note] if rank == 0 else ():
+    for note in [*notes, threads_note, compile_note] if rank == 0 else ():
         if note:
             print(f"note: {note}")
     if cfg.dry_run:
@@ -341,8 +308,7 @@ def build_model(cfg: TrainConfig, device, dtype) -> tuple[LaVIN, object]:
                             max_seq_len=cfg.max_seq_len, bits=cfg.bits)
     model.llama.grad_checkpointing = model.visual.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
-        for block in [*model.llama.layers, *model.visual.transformer.resblocks]:
-            block.compile()
+        compile_blocks(model)
     return model, tok
 
 
@@ -397,7 +363,7 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
     cfg = run.cfg
     workers = cfg.num_workers if cfg.num_workers >= 0 else (4 if run.device.type == "cuda" else 0)
     autocast = torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
-    loss = float("nan")
+    loss, compiled_once = float("nan"), False
     while run.step < run.stop:
         epoch, first = divmod(run.step, run.steps_per_epoch)
         run.sampler.set_epoch(epoch)
@@ -422,7 +388,12 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
                                  f"--grad_checkpointing") from None
             run.skipped += not math.isfinite(loss)
             run.step += 1
-            rate = run.global_batch / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            rate = run.global_batch / seconds
+            if cfg.compile and not compiled_once and run.rank == 0:
+                bar.write(f"first step: {seconds:.0f} s, torch.compile compiling the blocks "
+                          f"(--no_compile runs eagerly)")
+            compiled_once = True
             if log:
                 log.write(json.dumps({"step": run.step, "epoch": round(epoch + (i + 1) / run.steps_per_epoch, 4),
                                       "loss": loss if math.isfinite(loss) else None, "lr": lr,
@@ -466,12 +437,13 @@ def finish(run: Run, loss: float) -> dict:
                                image_mode=cfg.image_mode, resolution=run.model.visual.resolution)
         evals[name] = evaluate_split(
             run.model, run.tok, task, output_dir=str(folder), batch_size=cfg.eval_batch_size, rank=run.rank,
-            world_size=run.world, device=run.device, autocast_dtype=None if run.dtype == torch.float32 else run.dtype)
+            world_size=run.world, device=run.device, autocast_dtype=None if run.dtype == torch.float32 else run.dtype,
+            compile=cfg.compile)
         if run.rank == 0:
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps({"eval": evals[name]}) + "\n")
             if name in ("scienceqa", "shapes"):
-                show_samples(cfg, out, task)
+                show_samples(task, cfg.eval_split, cfg.prompt_format, out)
     # a ScienceQA-format run's table; a chatbot's {"mme": ..., "alpaca": ...}
     result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(data.EVAL_OF[cfg.dataset])
     if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:

@@ -21,12 +21,14 @@ prompts and images, the early stop, the scoring and the table, from one reading 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
+from pathlib import Path
 
-from data.scienceqa import (DEFAULT_ROOT, LETTERS, DataError, check_format, load_json, open_split, read_release,
-                            samples_of, save_json, split_pids)
+from data.scienceqa import (DEFAULT_ROOT, LETTERS, DataError, build_prompt, check_format, load_json, open_split,
+                            read_release, samples_of, save_json, split_pids)
 
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")  # the reference's pattern, "." unescaped
 GRADES_1_6 = tuple(f"grade{g}" for g in range(1, 7))
@@ -163,6 +165,21 @@ def draw_samples(root, split: str, preds: dict, path, n: int = 12, columns: int 
         drawn.append((pid, right))
     sheet.save(path)
     return drawn
+
+
+def show_samples(task: Evaluation, split: str, prompt_format: str, out: Path) -> None:
+    """A run's samples.png (a dozen test images, the model's answers, from out/preds.json) and the
+    next command to try."""
+    preds = json.loads((out / "preds.json").read_text())
+    drawn = draw_samples(task.root, split, preds, out / "samples.png", problems=task.problems)
+    if not drawn:
+        return
+    pid = drawn[0][0]
+    problem = task.problems[pid]
+    prompt = build_prompt(problem, prompt_format)[0].replace("\n", "\\n")  # as typed in a shell
+    image = Path(task.root) / "images" / split / pid / problem["image"]
+    print(f"wrote {out / 'samples.png'} ({sum(r for _, r in drawn)} of {len(drawn)} right). Ask it yourself:\n"
+          f'  python sample.py --run {out} --image {image} --prompt "{prompt}"')
 
 
 def wrap(text: str, width: int) -> list[str]:

@@ -89,14 +89,17 @@ def test_a_checkpoint_at_every_epochs_end(tiny_set, tmp_path, monkeypatch):
 
 def test_grad_checkpointing_recomputes_every_block(tiny_set, tmp_path, monkeypatch):
     """With --grad_checkpointing each block runs twice per micro-batch (forward, then again in the
-    backward pass): load_llama returns eval mode, so the loop must switch to train mode first."""
+    backward pass): load_llama returns eval mode, so the loop must switch to train mode first.
+    Counted at each block's attention (the block decides inside itself what to recompute)."""
     calls = []
     real = train.build_model
 
     def build(cfg, device, dtype):
         model, tok = real(cfg, device, dtype)
-        for block in [*model.llama.layers, *model.visual.transformer.resblocks]:
-            block.register_forward_pre_hook(lambda m, args: calls.append(m))
+        for block in model.llama.layers:
+            block.attention.register_forward_pre_hook(lambda m, args: calls.append(m))
+        for block in model.visual.transformer.resblocks:
+            block.attn.register_forward_pre_hook(lambda m, args: calls.append(m))
         return model, tok
 
     monkeypatch.setattr(train, "build_model", build)
