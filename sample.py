@@ -64,8 +64,8 @@ class SampleConfig:
     max_seq_len: int = 0  # 0 = the run's, else 512 (the official evaluation's)
     image_mode: str = ""  # lavin | clip (see clip.preprocess); "" = the run's, else lavin
     device: str = ""  # "" = cuda if there is one, else cpu
-    compile: bool = False  # decode steps of fixed shapes, torch.compile'd, on the CPU too (on a GPU: the default)
-    no_compile: bool = False  # decode eagerly on a GPU too
+    compile: bool = False  # decode steps of fixed shapes, torch.compile'd (on a GPU: an evaluation's default)
+    no_compile: bool = False  # an evaluation on a GPU decodes eagerly too
     precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
     bits: int = 0  # LLaMA blocks' linear layers in 16 | 8 | 4 bits (NF4: LaVIN-lite); 0 = the run's, else 16
 
@@ -266,7 +266,9 @@ def main(cfg: SampleConfig):
     """The answer (--prompt), the answers (chat) or the results dict (evaluation; None off rank 0)."""
     cfg, mode = resolve(cfg)
     rank, world, device = setup_distributed(cfg.device)
-    compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device)
+    # On a GPU an evaluation compiles by default; a prompt or a chat would wait ~45 s for its first word
+    compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device) if mode == "eval" or cfg.compile \
+        else (False, "")
     cfg = dataclasses.replace(cfg, compile=compiled)  # from here: what this run does
     for note in (busy_cores_note(device), compile_note):
         if note and rank == 0:

@@ -235,3 +235,24 @@ def test_compile_is_the_default_on_a_gpu_only(monkeypatch):
     assert not compiled and "triton" in note
     with pytest.raises(UsageError, match="needs triton"):
         use_compile(True, False, cuda)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: a minute
+def test_a_compiled_run_evaluates_as_an_eager_one(tiny_set):
+    """The end of train.py on a GPU: the blocks compiled for training (lavin.compile_blocks), then
+    the evaluation with the compiled decoder; the texts are those of the eager model, fp32."""
+    import data
+    from evaluate import evaluate
+    from lavin import compile_blocks, load_lavin
+
+    model, tok = load_lavin(tiny_set / "llama", tiny_set / "clip" / "ViT-tiny.pt", LaVINArgs(), max_seq_len=256)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:  # trained adapters, not the identity
+            torch.nn.init.normal_(p, std=0.05)
+    task = data.evaluation("shapes", str(tiny_set), "test", tok, prompt_format="QCM-A",
+                           resolution=model.visual.resolution)
+    kw = dict(batch_size=8, early_stop=False, max_new_tokens=8, progress=False)
+    want = evaluate(model.eval(), tok, task, **kw)
+    compile_blocks(model)
+    assert evaluate(model, tok, task, compile=True, **kw) == want
