@@ -36,8 +36,8 @@ class GroupedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features))
 
     def forward(self, x):
-        """The layer on its own, by einsum; the adapters run their paths together (up_paths),
-        which a test holds to this one's bits."""
+        """The layer on its own, by einsum: the reference. The adapters run each path as one
+        batched matmul (RepAdapter.up_paths), which a test holds to this one's bits."""
         xg = x.unflatten(-1, (self.groups, -1))  # (..., g, in/g)
         w = self.weight.unflatten(0, (self.groups, -1))  # (g, out/g, in/g)
         y = torch.einsum("...gi,goi->...go", xg, w.to(xg.dtype))  # (..., g, out/g)

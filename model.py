@@ -128,11 +128,11 @@ class Attention(nn.Module):
             k_buf[:, :, start : start + T] = k
             v_buf[:, :, start : start + T] = v
             k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
-        # mask None means plain causal; is_causal keeps SDPA on its fastest kernels.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        # mask None means plain causal; is_causal keeps SDPA on its fastest kernels. In a compiled
+        # block T may be symbolic and SDPA refuses a symbolic flag (a graph break): branch on it.
+        causal = True if mask is None and T > 1 else False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, nh*hd) -> (B, T, dim)
 
 

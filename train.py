@@ -391,8 +391,8 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
             seconds = time.perf_counter() - t0
             rate = run.global_batch / seconds
             if cfg.compile and not compiled_once and run.rank == 0:
-                bar.write(f"first step: {seconds:.0f} s, torch.compile compiling the blocks "
-                          f"(--no_compile runs eagerly)")
+                bar.write(f"first step: {seconds:.0f} s, torch.compile compiling the blocks (the next batch "
+                          f"of another length compiles once more; --no_compile runs eagerly)")
             compiled_once = True
             if log:
                 log.write(json.dumps({"step": run.step, "epoch": round(epoch + (i + 1) / run.steps_per_epoch, 4),

@@ -3,7 +3,8 @@
 # $OUT (default out/gpu) even when a later part fails or runs out of time:
 #
 #     bash benchmarks/gpu.sh                 # train, e2e, sample, lite, in that order
-#     bash benchmarks/gpu.sh train e2e       # some of them (a part takes 3 to 6 minutes on an H200)
+#     bash benchmarks/gpu.sh train e2e       # some of them (a part takes 3 to 6 minutes on an H200:
+#                                            # in a 15-minute device session, two parts a call)
 #
 # train: bench.py --only train --quick (4 x 512: eager with and without the adapters, compiled,
 # each with and without gradient checkpointing); e2e: train.py + sample.py --run on LaVIN-7B's
@@ -12,7 +13,11 @@ set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
-export BENCH_TMP=${BENCH_TMP:-$(mktemp -d)}  # e2e writes 13 GB of random weights here
+if [ -z "${BENCH_TMP:-}" ]; then  # e2e writes 13 GB of random weights here; a part cut by timeout
+  BENCH_TMP=$(mktemp -d)          # leaves them behind, so the folder goes when the script ends
+  trap 'rm -rf "$BENCH_TMP"' EXIT
+fi
+export BENCH_TMP
 limit=${PART_SECONDS:-420}
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python -c \
   "import torch; print('torch', torch.__version__)"; } > "$out/machine.txt" 2>&1
