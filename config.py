@@ -54,6 +54,8 @@ class TrainConfig:
     save_interval: int = 0  # optimizer steps between checkpoints; 0 = once per epoch
     num_workers: int = -1  # DataLoader workers per process; -1 = 4 on a GPU, 0 on the CPU
     device: str = ""  # "" = cuda if there is one, else cpu
+    threads: int = 0  # CPU threads for torch's ops, fixed whatever the load; 0 = OMP_NUM_THREADS, else one
+    #                   per core other work leaves free (a run's numbers can follow the count: the laptop presets take 1)
     precision: str = "auto"  # auto (bf16 where supported, else fp16 on GPU; fp32 on CPU) | bf16 | fp16 | fp32
     grad_checkpointing: bool = False  # recompute the frozen blocks in the backward pass
     bits: int = 16  # LLaMA blocks' linear layers: 16 (as --precision) | 8 (int8 per row) | 4 (NF4: LaVIN-lite)
@@ -94,15 +96,16 @@ PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
     # (QCM-A: the tiny LLaMA never read lectures, and learning them through 44k adapter weights
     # costs the answers). The 20 epochs of 1,800 problems tried before learnt the training
     # pictures by heart (image questions: 56% on test).
+    # One CPU thread for every laptop preset: the same table on a busy machine as on an idle one.
     "shapes": dict(dataset="shapes", batch_size=16, max_seq_len=256, prompt_format="QCM-A", eval_batch_size=64,
-                   epochs=10, warmup_epochs=1.0),
+                   epochs=10, warmup_epochs=1.0, threads=1),
     # The chatbot demo: the tiny Vicuna inside data/shapes-chat, the chatbot recipe's schedule
     # shortened to minutes on two CPU cores.
     "shapes-chat": dict(dataset="shapes-chat", batch_size=16, max_seq_len=256, eval_batch_size=64, epochs=4,
-                        warmup_epochs=0.5),
+                        warmup_epochs=0.5, threads=1),
     # The caption demo: the tiny Vicuna inside data/shapes-coco, 1,500 pictures x 5 captions
     "shapes-coco": dict(dataset="shapes-coco", batch_size=16, max_seq_len=128, eval_batch_size=64, epochs=3,
-                        warmup_epochs=0.5),
+                        warmup_epochs=0.5, threads=1),
 }
 DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b", "shapes-chat": "shapes-chat",
                   "coco": "caption", "shapes-coco": "shapes-coco"}
@@ -158,6 +161,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else PRESETS[preset].get("llama_path", "")),
         clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else PRESETS[preset].get("clip_path", "")),
         coco_root=cfg.coco_root or (f"{data_path}/train2014" if cfg.dataset in data.CHAT_DATASETS else ""))
+    if cfg.threads < 0:
+        raise UsageError(f"--threads must be at least 0 (0 = one per free core), got {cfg.threads}")
     for name in ("epochs", "batch_size", "effective_batch", "max_seq_len", "adapter_dim", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")

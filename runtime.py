@@ -4,11 +4,13 @@ single line.
 
 CPU threads. torch splits each op over one thread per core, and the threads meet at the end of
 it. On cores shared with other work, a partner thread that was descheduled keeps the others
-waiting for a whole time slice: on 2 cores with two other busy processes the laptop demo ran
-5.7x slower than on idle cores, at 1 thread 2.3x, but at 1 thread it is 28% slower when the
-cores are idle. No fixed setting is good for both (OpenMP's wait policies trade the one for the
-other: README), so `cpu_threads` looks, when a run starts, at how many other tasks are running
-and keeps a thread for each core they leave free.
+waiting for a whole time slice: on 2 cores with two other busy processes the laptop demo's step
+ran 4.7x slower than on idle cores, at 1 thread 1.9x. And how an op is split can change its
+rounding, so on some CPUs a run's numbers follow its thread count. Hence two policies
+(`cpu_threads`): a fixed count, which gives the same numbers on any load (the laptop presets take
+1 thread: the tiny model gains about 10% from a second core when the cores are idle, and loses
+2.5x when they are busy), or, by default, a thread for each core that the tasks running when the
+run starts leave free.
 """
 import os
 import signal
@@ -99,22 +101,29 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def busy_cores_note(device: torch.device) -> str:
-    """cpu_threads(device), and a line to tell the user when it chose fewer threads ("" otherwise)."""
+def busy_cores_note(device: torch.device, threads: int = 0) -> str:
+    """cpu_threads(device, threads), and a line to tell the user when busy cores left fewer
+    threads than torch's default ("" otherwise)."""
     n = torch.get_num_threads()
-    threads = cpu_threads(device)
-    if threads < n:
-        return (f"the CPU's cores are busy with other work: torch runs on {threads} thread(s) instead of {n} "
-                f"(OMP_NUM_THREADS=N chooses)")
+    took = cpu_threads(device, threads)
+    if took < n and not threads:
+        return (f"the CPU's cores are busy with other work: torch runs on {took} thread(s) instead of {n} "
+                f"(--threads N or OMP_NUM_THREADS=N chooses)")
     return ""
 
 
-def cpu_threads(device: torch.device) -> int:
-    """Set and return the threads for torch's CPU ops: one per core that other work leaves free
-    (at least 1), as seen now. A thread count the user gave (OMP_NUM_THREADS; torchrun sets 1 for
-    several processes a node) is kept, and so is anything on a GPU run."""
+def cpu_threads(device: torch.device, threads: int = 0) -> int:
+    """Set and return the threads for torch's CPU ops. threads > 0: exactly that many, whatever
+    the load (the same numbers on a busy machine as on an idle one). 0: a thread count the user
+    gave (OMP_NUM_THREADS; torchrun sets 1 for several processes a node), else one per core that
+    other work leaves free (at least 1), as seen now. A GPU run's threads are left as they are."""
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or "OMP_NUM_THREADS" in os.environ:
+    if device.type != "cpu":
+        return n
+    if threads > 0:
+        torch.set_num_threads(threads)
+        return threads
+    if n == 1 or "OMP_NUM_THREADS" in os.environ:
         return n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or n  # macOS has none
     threads = free_cores(cores, others_running(), n)

@@ -64,6 +64,7 @@ class SampleConfig:
     max_seq_len: int = 0  # 0 = the run's, else 512 (the official evaluation's)
     image_mode: str = ""  # lavin | clip (see clip.preprocess); "" = the run's, else lavin
     device: str = ""  # "" = cuda if there is one, else cpu
+    threads: int = 0  # CPU threads for torch's ops; 0 = the run's, else OMP_NUM_THREADS or one per free core
     compile: bool = False  # decode steps of fixed shapes, torch.compile'd (on a GPU: an evaluation's default)
     no_compile: bool = False  # an evaluation on a GPU decodes eagerly too
     precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
@@ -90,7 +91,7 @@ def make_config(argv=None) -> SampleConfig:
     cfg = SampleConfig(**vars(p.parse_args(argv)))
     if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
         raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
-    for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("temperature", 0)):
+    for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("temperature", 0), ("threads", 0)):
         if getattr(cfg, name) < low:
             raise UsageError(f"--{name} must be at least {low}, got {getattr(cfg, name)}"
                              + (" (0 is greedy)" if name == "temperature" else ""))
@@ -138,7 +139,7 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
         cfg = dataclasses.replace(cfg, adapters=cfg.adapters or str(path))
     fill = {k: getattr(cfg, k) or run.get(k) or default for k, default in
             (("llama_path", ""), ("clip_path", ""), ("prompt_format", "QCM-ALE"), ("max_seq_len", 512),
-             ("image_mode", "lavin"), ("bits", 16))}
+             ("image_mode", "lavin"), ("bits", 16), ("threads", 0))}
     format_given, cfg = cfg.prompt_format, dataclasses.replace(cfg, **fill)
     if cfg.chat or (cfg.image and not cfg.prompt):
         mode = "chat"
@@ -270,7 +271,7 @@ def main(cfg: SampleConfig):
     compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device) if mode == "eval" or cfg.compile \
         else (False, "")
     cfg = dataclasses.replace(cfg, compile=compiled)  # from here: what this run does
-    for note in (busy_cores_note(device), compile_note):
+    for note in (busy_cores_note(device, cfg.threads), compile_note):
         if note and rank == 0:
             print(f"note: {note}", file=sys.stderr)
     torch.manual_seed(cfg.seed)

@@ -230,7 +230,7 @@ def main(cfg: TrainConfig, notes=()) -> dict:
     rank, world, device = setup_distributed(cfg.device)
     compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device)  # on a GPU by default
     cfg = dataclasses.replace(cfg, compile=compiled)  # from here: what this run does
-    threads_note = busy_cores_note(device)  # the CPU threads of this process, said when fewer than cores
+    threads_note = busy_cores_note(device, cfg.threads)  # the CPU threads of this process
     for note in [*notes, threads_note, compile_note] if rank == 0 else ():
         if note:
             print(f"note: {note}")
@@ -294,8 +294,10 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
         run.out.mkdir(parents=True, exist_ok=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lite = f" (LLaMA blocks' linear layers in {cfg.bits} bits)" if cfg.bits != 16 else ""
+    where = f"cpu ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" if device.type == "cpu" \
+        else device.type
     run.say(f"{cfg.preset} on {cfg.dataset} ({len(ds)} samples): {n_train:,} trainable parameters, {world} "
-            f"process(es) on {device.type} in {str(dtype).split('.')[-1]}{lite}, effective batch {global_batch} "
+            f"process(es) on {where} in {str(dtype).split('.')[-1]}{lite}, effective batch {global_batch} "
             f"({cfg.batch_size} x {accum} accum x {world}), lr {lr:.3g}, {steps_per_epoch} steps/epoch, "
             f"{run.stop} steps from {run.step}")
     return run

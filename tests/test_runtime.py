@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import make_config
 from runtime import busy_cores_note, cpu_threads, free_cores, others_running, pick_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,27 @@ def test_busy_processes_are_seen_and_leave_one_thread():
         for p in busy:
             p.kill()
         torch.set_num_threads(original)
+
+
+def test_a_fixed_thread_count_holds_whatever_the_load():
+    """--threads N (the laptop presets: 1) is taken as it is, with busy cores too, without a note:
+    a run's numbers can follow its thread count, and then they would follow the load."""
+    original = torch.get_num_threads()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        time.sleep(0.5)
+        for n in (2, 1):
+            torch.set_num_threads(3 - n)
+            assert cpu_threads(torch.device("cpu"), n) == n == torch.get_num_threads()
+            assert busy_cores_note(torch.device("cpu"), n) == ""
+    finally:
+        for p in busy:
+            p.kill()
+        torch.set_num_threads(original)
+    for dataset in ("shapes", "shapes-chat", "shapes-coco"):
+        assert make_config(["--dataset", dataset])[0].threads == 1
+    assert make_config(["--dataset", "scienceqa"])[0].threads == 0  # a GPU run: its threads are not touched
+    assert make_config(["--dataset", "shapes", "--threads", "2"])[0].threads == 2
 
 
 def test_a_thread_count_the_user_chose_is_kept():
