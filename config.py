@@ -114,6 +114,11 @@ ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "lavin-7b-lite
                 "chatbot-13b": "lavin-13b", "caption": "lavin-7b"}  # lavin.PRESETS, for --dry_run
 
 
+CHOICES = {"dataset": tuple(DATASET_PRESET), "preset": tuple(PRESETS), "bits": (16, 8, 4),
+           "precision": ("auto", "bf16", "fp16", "fp32"), "instruct_mode": data.instruct.MODES,
+           "image_mode": ("lavin", "clip")}
+
+
 def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
     """TrainConfig from the command line: the dataclass defaults, then the preset (by default the
     dataset's own), then the flags given. Returns the config and notes on flags that overrode it."""
@@ -125,9 +130,10 @@ def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
         flag, text = f"--{f.name}", f"{helps[f.name]} (default: {default})".replace("%", "%%")
         if f.type == "bool":
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps[f.name])
-        else:
+        else:  # the choices are shown, and checked by resolve() (its errors say more than argparse's)
+            shown = "{" + ",".join(map(str, CHOICES[f.name])) + "}" if f.name in CHOICES else None
             p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS,
-                           help=text)
+                           help=text, metavar=shown)
     given = vars(p.parse_args(argv))  # only the flags on the command line
     preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
     # the weights' paths stay "" here: resolve() fills them, from a shapes set's own backbones first
@@ -172,8 +178,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--bits {cfg.bits}: use 16, 8 or 4 (NF4, LaVIN-lite)")
     if cfg.instruct_mode not in data.instruct.MODES:
         raise UsageError(f"unknown --instruct_mode {cfg.instruct_mode!r}: use one of {', '.join(data.instruct.MODES)}")
-    if cfg.precision not in ("auto", "bf16", "fp16", "fp32"):
+    if cfg.precision not in CHOICES["precision"]:
         raise UsageError(f"unknown precision {cfg.precision!r}: use auto, bf16, fp16 or fp32")
+    if cfg.image_mode not in CHOICES["image_mode"]:
+        raise UsageError(f"unknown --image_mode {cfg.image_mode!r}: use lavin or clip")
     if not 0 <= cfg.adapter_dropout < 1 or not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise UsageError("--adapter_dropout must be in [0, 1), --warmup_epochs in [0, epochs]")
     try:

@@ -25,6 +25,14 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
 
 
+def plain_warnings():
+    """An entry point's warnings as one line each, "warning: <message>", without Python's file,
+    line and source (warnings.formatwarning is the hook the warnings module offers for this)."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+
+
 def setup_distributed(device: str):
     """(rank, world size, device): torchrun's environment if present (NCCL on GPUs, Gloo on the
     CPU), else a single plain process."""

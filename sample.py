@@ -31,7 +31,7 @@ from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from quant import bits_of
 from router import IMAGE, TEXT
-from runtime import UsageError, busy_cores_note, field_help, pick_dtype, setup_distributed, use_compile
+from runtime import UsageError, busy_cores_note, field_help, pick_dtype, plain_warnings, setup_distributed, use_compile
 
 
 @dataclass
@@ -57,7 +57,8 @@ class SampleConfig:
     split: str = "test"  # the split --dataset evaluates (alpaca: alpaca_{split}.json; MME has none)
     data_path: str = ""  # "" = the run's (a chat run's mme/ for mme), else data/{dataset}
     prompt_format: str = ""  # "" = the run's, else QCM-ALE
-    output_dir: str = ""  # "" = {run}/eval-{split} (mme, alpaca: eval-{dataset}), else out/eval/{dataset}-{split}
+    output_dir: str = ""  # "" = {run}/eval-{split} (mme, alpaca: eval-{dataset}; -4bit etc. at other --bits than
+    #                       the run's), else out/eval/{dataset}-{split} (mme, alpaca: out/eval/{dataset})
     batch_size: int = 16  # prompts per batch in an evaluation
     early_stop: bool = True  # end a row once its answer is read ("The answer is X.", MME's first word) or at EOS
     # the machine
@@ -159,7 +160,8 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
             own = f"{run['data_path']}/mme"
         where = dataset if dataset in ("mme", "alpaca") else cfg.split
         alone = f"out/eval/{dataset}" + (f"-{where}" if where != dataset else "")
-        out = f"{cfg.run}/eval-{where}" if cfg.run else alone
+        bits = f"-{cfg.bits}bit" if cfg.run and cfg.bits != run.get("bits", 16) else ""  # not the run's own table
+        out = f"{cfg.run}/eval-{where}{bits}" if cfg.run else alone
         cfg = dataclasses.replace(cfg, dataset=dataset, output_dir=cfg.output_dir or out,
                                   data_path=cfg.data_path or own or data.DEFAULT_ROOTS[dataset])
     if cfg.dataset and mode != "eval":
@@ -297,6 +299,7 @@ def main(cfg: SampleConfig):
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(make_config())
     except (UsageError, FileNotFoundError, DataError) as e:

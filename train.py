@@ -48,7 +48,8 @@ from data.batching import IGNORE_INDEX
 from data.table import show_samples
 from evaluate import evaluate_split
 from lavin import LaVIN, atomic_save, compile_blocks, load_lavin, save_adapters
-from runtime import Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, setup_distributed, use_compile
+from runtime import (Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, plain_warnings,
+                     setup_distributed, use_compile)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -457,6 +458,7 @@ def finish(run: Run, loss: float) -> dict:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         cfg, notes = make_config()
         main(cfg, notes)

@@ -129,13 +129,27 @@ def score(predictions: dict[str, str], references: dict[str, list[str]]) -> dict
     refs = [[tokenize(r) for r in references[k]] for k in keys]
     result = {f"BLEU-{k + 1}": round(100 * b, 2) for k, b in enumerate(bleu(cands, refs))}
     result["CIDEr"] = round(100 * cider_d(cands, refs)[0], 2)
-    return {**result, "images": len(keys)}
+    return {**result, "images": len(keys), "empty": sum(not c for c in cands)}
+
+
+def warnings_of(predictions: dict, references: dict, split: str) -> list[str]:
+    """What score() takes as it is but a user must hear of: captions of images outside the split
+    (left out: most likely another split's file) and empty captions (no word once tokenised; the
+    toolkit scores them, near 0)."""
+    def named(keys):
+        return ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+
+    extra = [k for k in predictions if k not in references]
+    empty = [k for k in references if isinstance(predictions.get(k), str) and not tokenize(predictions[k])]
+    lines = [f"{len(extra)} caption(s) for images not in split {split}, left out: cocoid {named(extra)}"] if extra else []
+    return lines + ([f"{len(empty)} empty caption(s), scored as they are: cocoid {named(empty)}"] if empty else [])
 
 
 def format_table(result: dict, split: str = "") -> str:
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"]
     where = f"split {split}: " if split else ""
-    return (f"{where}{result['images']} images, one caption each\n" + " ".join(f"{n:>7}" for n in names) + "\n"
+    empty = f" ({result['empty']} empty)" if result.get("empty") else ""
+    return (f"{where}{result['images']} images, one caption each{empty}\n" + " ".join(f"{n:>7}" for n in names) + "\n"
             + " ".join(f"{result[n]:7.2f}" for n in names))
 
 
@@ -177,7 +191,10 @@ def main(argv=None) -> dict:
     preds = load_json(args.preds)
     if not isinstance(preds, dict):
         raise DataError(f"{args.preds}: expected an object cocoid -> caption")
-    result = score(preds, coco.references_of(coco.read_karpathy(args.data), args.split))
+    references = coco.references_of(coco.read_karpathy(args.data), args.split)
+    result = score(preds, references)
+    for line in warnings_of(preds, references, args.split):
+        print(f"warning: {line}", file=sys.stderr)
     print(format_table(result, args.split))
     if args.out:
         save_json(args.out, result)

@@ -103,17 +103,12 @@ def parse_yes_no(response: str) -> str:
 
 def score(release: dict, preds: dict[str, list[str]]) -> dict:
     """results.json's dict (percentages, 2 decimals) from {subtask/image: [response, response]}."""
+    check_predictions(release, preds)
     subtasks, unparsed = {}, 0
     for name, images in release.items():
         right = both = 0
         for image, entry in images.items():
-            key = f"{name}/{image}"
-            responses = preds.get(key)
-            if not isinstance(responses, list) or len(responses) != len(entry["questions"]) \
-                    or not all(isinstance(r, str) for r in responses):
-                raise DataError(f"the predictions need {key!r}: a list of {len(entry['questions'])} responses, "
-                                f"got {responses!r:.120}")
-            parsed = [parse_yes_no(r) for r in responses]
+            parsed = [parse_yes_no(r) for r in preds[f"{name}/{image}"]]
             unparsed += parsed.count("other")
             ok = [p == answer for p, (_, answer) in zip(parsed, entry["questions"])]
             right, both = right + sum(ok), both + all(ok)
@@ -127,6 +122,27 @@ def score(release: dict, preds: dict[str, list[str]]) -> dict:
     return {"subtasks": subtasks, "perception": perception, "cognition": cognition,
             "total": round(perception + cognition, 2), "unparsed": unparsed,
             "questions": sum(len(e["questions"]) for images in release.values() for e in images.values())}
+
+
+def check_predictions(release: dict, preds: dict):
+    """Every image of the release needs its list of responses, one per question: the images
+    without one are counted and the first few named, as are malformed entries."""
+    missing, malformed = [], []
+    for name, images in release.items():
+        for image, entry in images.items():
+            key, n = f"{name}/{image}", len(entry["questions"])
+            responses = preds.get(key)
+            if responses is None:
+                missing.append(key)
+            elif not isinstance(responses, list) or len(responses) != n or not all(isinstance(r, str) for r in responses):
+                malformed.append(f"{key} should be a list of {n} responses, got {responses!r:.60}")
+    n_images = sum(len(images) for images in release.values())
+    if missing:
+        raise DataError(f"the predictions have no responses for {len(missing)} of the {n_images} images: "
+                        f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    if malformed:
+        raise DataError(f"{len(malformed)} of the {n_images} images have malformed responses: {malformed[0]}"
+                        + (f" (and {len(malformed) - 1} more)" if len(malformed) > 1 else ""))
 
 
 def format_table(result: dict) -> str:

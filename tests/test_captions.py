@@ -45,6 +45,19 @@ def test_bleu_by_hand():
     assert bleu(toks("a b", "c d e f"), [toks("a b"), toks("c x y z")])[0] == pytest.approx(0.5)
 
 
+def test_bleu_clips_each_ngram_at_its_largest_count_in_one_reference():
+    # "a a a b" against "a b" and "a x": "a" occurs once in each reference, so it is clipped at 1
+    # (not at 2, their sum); "b" at 1: 2 of 4 unigrams; lengths 4 against 2: no brevity penalty
+    assert bleu(toks("a a a b"), [toks("a b", "a x")], n=1)[0] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_bleu_closest_reference_length_ties_go_to_the_shorter_in_any_order():
+    # 3 words against references of 2 and 4 words: both 1 away, the shorter (2) is taken, so no
+    # brevity penalty (the longer would give exp(1 - 4/3)); the candidate's 3 unigrams are all right
+    for refs in (["a b", "a b c d"], ["a b c d", "a b"]):
+        assert bleu(toks("a b c"), [toks(*refs)], n=1)[0] == pytest.approx(1.0, abs=1e-9)
+
+
 def test_cider_d_document_frequency_by_hand():
     # "a" is in both images' references: idf log 2 - log 2 = 0, it weighs nothing.
     # image 1, a perfect match: cosine 1 for n = 1, 2, 3, no 4-gram: 10 * 3/4 = 7.5
@@ -80,6 +93,18 @@ def test_score_and_command_line(tmp_path):
     assert set(got) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
     with pytest.raises(DataError, match="no caption for 1 of the 2 images"):
         captions.score({"1": "x"}, coco.references_of(coco.read_karpathy(str(root)), "test"))
+
+
+def test_captions_of_unknown_images_and_empty_ones_are_named(tmp_path, capsys):
+    root = write_karpathy(tmp_path / "coco")
+    preds = {"1": "A red circle.", "2": " ?! ", "77": "a cat", "78": "a dog"}
+    (tmp_path / "preds.json").write_text(json.dumps(preds))
+    got = captions.main(["--data", str(root), "--preds", str(tmp_path / "preds.json")])
+    out = capsys.readouterr()
+    assert out.err.splitlines() == ["warning: 2 caption(s) for images not in split test, left out: cocoid 77, 78",
+                                    "warning: 1 empty caption(s), scored as they are: cocoid 2"]
+    assert "2 images, one caption each (1 empty)" in out.out and got["empty"] == 1 and got["images"] == 2
+    assert got == captions.score({"1": "A red circle.", "2": ""}, coco.references_of(coco.read_karpathy(str(root)), "test"))
 
 
 # ----------------------------------------------------------------------------- the Karpathy split

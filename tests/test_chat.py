@@ -73,8 +73,32 @@ def test_mme_command_line(tmp_path):
     assert mme.main(["--data", str(root), "--preds", str(tmp_path / "preds.json"), "--out", str(out)]) == EXPECTED
     assert json.loads(out.read_text()) == EXPECTED
     (tmp_path / "preds.json").write_text(json.dumps({**PREDS, "color/b.png": ["No."]}))
-    with pytest.raises(DataError, match="'color/b.png': a list of 2 responses"):
+    with pytest.raises(DataError, match=r"1 of the 4 images have malformed responses: color/b.png should be a "
+                                        r"list of 2 responses, got \['No.'\]$"):
         mme.main(["--data", str(root), "--preds", str(tmp_path / "preds.json")])
+
+
+def test_mme_images_without_responses_are_counted_and_named(tmp_path):
+    release = mme.read_release(write_mme(tmp_path / "MME"))
+    with pytest.raises(DataError, match=r"no responses for 3 of the 4 images: artwork/10002.jpg, color/a.png, "
+                                        r"color/b.png$"):
+        mme.score(release, {"code_reasoning/0001.png": ["No", "Yes"]})
+    many = {f"{i:02d}.png": {"questions": [("Is it red?", "yes")], "image": ""} for i in range(6)}
+    with pytest.raises(DataError, match=r"no responses for 5 of the 6 images: color/01.png, color/02.png, "
+                                        r"color/03.png, \.\.\.$"):
+        mme.score({"color": many}, {"color/00.png": ["yes"]})
+
+
+def test_mme_every_perception_subtask_counts_toward_perception():
+    """MME's 10 perception and 4 cognition subtasks by their release names, every answer right
+    (200 each), and one subtask of another name (in neither sum)."""
+    perception = ["existence", "count", "position", "color", "OCR", "posters", "celebrity", "scene", "landmark",
+                  "artwork"]
+    cognition = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
+    release = {name: {"1.png": {"questions": [("Q?", "yes"), ("Q?", "no")], "image": ""}}
+               for name in perception + cognition + ["other"]}
+    result = mme.score(release, {f"{name}/1.png": ["Yes", "No"] for name in release})
+    assert (result["perception"], result["cognition"], result["total"]) == (2000.0, 800.0, 2800.0)
 
 
 def test_mme_task_prompts_stop_and_scores(tmp_path, tok):

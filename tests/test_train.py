@@ -411,6 +411,16 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tiny_set, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "not a readable checkpoint" in lines[0], r.stderr
 
 
+def test_a_warning_is_one_plain_line(tiny_set, tmp_path):
+    """Python's own format would add the file, the line number and the source line."""
+    r = run_cli("--data_path", str(tiny_set), "--output_dir", str(tmp_path / "o"), "--max_seq_len", "40",
+                "--max_steps", "1", "--skip_eval", "--batch_size", "4", "--effective_batch", "8")
+    assert r.returncode == 0, r.stderr
+    warned = [x for x in r.stderr.splitlines() if "were truncated" in x]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "max_seq_len=40" in warned[0]
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
+
+
 def test_a_mistyped_shapes_folder_is_an_error_not_a_new_set(tmp_path):
     r = run_cli("--dataset", "shapes", "--data_path", str(tmp_path / "shapez"), "--output_dir", str(tmp_path / "o"))
     lines = r.stderr.strip().splitlines()
@@ -423,3 +433,8 @@ def test_every_flag_has_its_help():
     for f in dataclasses.fields(TrainConfig):
         after = r.stdout.split(f"--{f.name}", 2)[-1].split("\n  --")[0]  # the flag's entry in the options list
         assert len(after.split()) >= 3, f"--{f.name} has no help: {after!r}"
+    for flag, shown in (("dataset", "{scienceqa,shapes,instruct,shapes-chat,coco,shapes-coco}"), ("bits", "{16,8,4}"),
+                        ("precision", "{auto,bf16,fp16,fp32}"), ("instruct_mode", "{recipe,multiturn}"),
+                        ("image_mode", "{lavin,clip}")):
+        assert f"--{flag} {shown}" in r.stdout
+    assert "--preset {lavin-7b,lavin-13b,lavin-7b-lite,lavin-13b-lite," in r.stdout
