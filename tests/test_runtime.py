@@ -1,5 +1,6 @@
 """runtime.py: the thread choice on shared cores, the precision rule."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from config import make_config
-from runtime import busy_cores_note, cpu_threads, free_cores, others_running, pick_dtype
+from runtime import StopRequest, busy_cores_note, cpu_threads, free_cores, others_running, pick_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,18 @@ def test_a_thread_count_the_user_chose_is_kept():
 def test_precision():
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """Real SIGINTs to this process: the first is a request (the step finishes, the checkpoint is
+    saved), the second raises at once; the previous handler is back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in the main thread, between bytecodes
+        assert stop.asked
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(2)
+    assert signal.getsignal(signal.SIGINT) is before
+

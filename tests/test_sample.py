@@ -307,3 +307,20 @@ def test_evaluate_split_writes_preds_results_and_prints_the_table(world, tmp_pat
     assert result["decode_steps_per_problem"] <= 64 / 5 and result["reference_steps_per_problem"] == 64
     shown = capsys.readouterr().out
     assert "NAT" in shown and "Avg" in shown and "decode steps per problem" in shown
+
+
+def test_a_callers_smaller_max_new_tokens_wins_over_the_tasks_cap(world, tmp_path):
+    """A task's own cap (MME's 20) bounds the caller's max_new_tokens, never raises it; and the
+    model comes back in the mode it came in."""
+    capped = types.SimpleNamespace(**{k: getattr(world.task, k) for k in ("name", "split", "dataset", "stop",
+                                                                          "score", "table")}, max_new_tokens=5)
+    model = random_lavin(world.tok, seed=2)
+    for asked, budget in ((3, 3), (64, 5)):
+        for training in (True, False):
+            model.train(training)
+            result = evaluate_split(model, world.tok, capped, output_dir=str(tmp_path / f"{asked}"),
+                                    max_new_tokens=asked, early_stop=False, progress=False)
+            assert model.training is training and all(m.training is training for m in model.modules())
+        assert result["reference_steps_per_problem"] == budget
+        assert result["decode_steps_per_problem"] == budget  # no early stop, no EOS: every row decodes the budget
+

@@ -73,6 +73,31 @@ def test_chat_keeps_the_cache_across_turns(world, capsys, seed):
     assert converse(copy.deepcopy(model), tok, dataclasses.replace(cfg, fold=True), image, typed) == answers
 
 
+def test_a_chat_answers_in_the_room_left_then_says_the_context_is_full(world, capsys):
+    """max_seq_len 48: turn 2 is sized to leave room for 2 new tokens (of max_new_tokens 6), and
+    gets them; turn 3 finds no room and says so in one line instead of failing in the KV cache."""
+    tok, L = world.tok, 48
+    model = random_lavin(tok, seed=1, max_seq_len=L)
+    turn1 = tok.encode("Question: Which shape?\nResponse:", bos=True, eos=False)
+    first = generate(model, tok, [turn1], max_new_tokens=6)[0]
+    assert len(first) == 6 and tok.eos_id not in first  # no EOS: turn 2 then starts with the last token, EOS
+    # After turn 1 the cache holds the prompt, "Image: N/A" and 5 of the answer's 6 tokens (the
+    # last one is fed with turn 2); turn 2 feeds 2 + its own tokens and leaves room for 2 more.
+    held = len(turn1) + int(model.inserted(torch.tensor([0]))) + 5
+    words = []
+    while len(tok.encode(" ".join(words), bos=False, eos=False)) < L - held - 2 - 2 + 1:
+        words.append("red")
+    turn2 = tok.encode(" ".join(words), bos=False, eos=False)
+    assert held + 2 + len(turn2) - 1 + 2 == L  # the second answer's 2 tokens end at the context's end
+    cfg = SampleConfig(template="raw", max_new_tokens=6, fold=False)
+    answers = converse(model, tok, cfg, None, ["Question: Which shape?\\nResponse:", " ".join(words), "more?"])
+    roomier = random_lavin(tok, seed=1, max_seq_len=L + 8)  # the same weights: generate keeps one slot spare
+    want = generate(roomier, tok, [turn1 + first + [tok.eos_id] + turn2], max_new_tokens=2)[0]
+    assert answers == [tok.decode(first), tok.decode(want)] and len(want) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"(the conversation fills the context of {L} positions: start a new chat)"
+
+
 @pytest.mark.parametrize("template", ["raw", "instruction"])
 def test_prompt_templates(world, template):
     tok, model = world.tok, random_lavin(world.tok)

@@ -403,6 +403,39 @@ def test_a_second_run_into_a_used_folder_is_refused(tiny_set, tmp_path):
     assert len(losses(out)) == 1  # a new log, not one appended to the old
 
 
+def test_a_folder_holding_only_a_log_is_refused_too(tiny_set, tmp_path):
+    """A run that died before its first checkpoint leaves log.jsonl alone: still a run's folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(UsageError, match=rf"{out} already holds a run \(log.jsonl\)"):
+        train.main(config(tiny_set, out, max_steps=1))
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_the_count_of_skipped_steps_survives_a_resume(tiny_set, tmp_path):
+    out = tmp_path / "run"
+    train.main(config(tiny_set, out, max_steps=2))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    ckpt["skipped"] = 1  # as if one of the two steps had had an inf loss
+    torch.save(ckpt, out / "checkpoint.pth")
+    result = train.main(config(tiny_set, out, max_steps=3, resume=str(out / "checkpoint.pth")))
+    assert result["skipped"] == 1 and torch.load(out / "checkpoint.pth", weights_only=True)["skipped"] == 1
+
+
+def test_the_output_folders_the_readme_names():
+    from config import make_config, resolve
+
+    def out(*argv):
+        return resolve(make_config(list(argv))[0]).output_dir
+
+    assert out("--dataset", "shapes") == "out/shapes" and out("--dataset", "shapes", "--bits", "4") == "out/shapes-4bit"
+    assert out("--dataset", "shapes", "--no_router") == "out/shapes-no_router"
+    assert out("--preset", "lavin-7b-lite") == "out/lavin-7b-lite"  # its own bits: no suffix
+    assert out("--preset", "lavin-7b-lite", "--bits", "16") == "out/lavin-7b-lite-16bit"
+    assert out("--preset", "lavin-13b-lite", "--output_dir", "x") == "x"
+
+
 def test_a_file_that_is_not_a_checkpoint_is_one_line(tiny_set, tmp_path):
     bad = tmp_path / "notes.pth"
     bad.write_text("not a checkpoint")
