@@ -21,8 +21,10 @@ model would, up to the quantization error. Here the same format, written out:
 8 bits: int8 codes round(W * 127 / absmax) with one fp32 absmax per output row (weight-only int8).
 
 The forward dequantizes the weight on every call, and the backward pass again (QuantMatmul): no
-full-precision copy outlives a call, in training either; torch.compile fuses the dequantization
-with its neighbours. Codes are chosen as
+full-precision copy outlives a call, in training either. Under torch.compile the same holds by two
+other routes (QuantLinear.forward): training marks the dequantization for recomputation (selective
+checkpointing), and a decode step's few rows take fused_matvec, sums over the codes that the
+compiler fuses into the reduction, so that decoding reads 4 bits a weight, not 16. Codes are chosen as
 bitsandbytes chooses them (scale by the reciprocal absmax in fp32, the nearest code value, a tie
 to the lower one), so an adapter checkpoint of the official lite meets the backbone it was trained
 against. This file imports no other of the project: model.py's loader quantizes with it.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 # QLoRA's NormalFloat: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (appendix E).
 NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -39,6 +42,7 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
        0.7229568362236023, 1.0)
 BLOCK, NESTED_BLOCK = 64, 256  # weights per absmax; absmaxes per nested scale (bitsandbytes' defaults)
+FUSED_ROWS = 4  # compiled, without gradients, at most this many rows (decoding) take fused_matvec
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # what the official lite quantizes: every linear of a block
 
 
@@ -105,6 +109,37 @@ class QuantMatmul(torch.autograd.Function):
         return grad @ w, None, None, *[None] * len(saved)  # (..., out) @ (out, in): (..., in)
 
 
+def fused_matvec(x, shape, weight, absmax, nested_absmax=None, offset=None, quant_map=None, nested_quant_map=None):
+    """x W^T for a few rows of x (decoding), in fp32, as sums the compiler fuses into one kernel
+    that reads the codes: no (out, in) weight is written. Per output and block of 64 inputs, the
+    sum of x * NF4[code], times the block's scale (int8: per output, x * code, times absmax/127).
+    Eagerly it materializes those products: it is for torch.compile. Needs in % 64 == 0."""
+    out_f, in_f = shape
+    x = x.float()
+    if quant_map is None:
+        return (x[..., None, :] * weight.float()).sum(-1) * (absmax / 127.0)  # (..., 1, in) * (out, in) -> (..., out)
+    scales = per_block(nested_quant_map[absmax.int()], nested_absmax, NESTED_BLOCK) + offset  # (out * in / 64,)
+    packed = weight.view(out_f, in_f // BLOCK, BLOCK // 2)  # row-major blocks; a byte: two codes, the first high
+    pairs = x.view(*x.shape[:-1], 1, in_f // BLOCK, BLOCK // 2, 2)  # (..., 1, in/64, 32, 2)
+    partial = (pairs[..., 0] * quant_map[(packed >> 4).int()] + pairs[..., 1] * quant_map[(packed & 15).int()]).sum(-1)
+    return (partial * scales.view(out_f, in_f // BLOCK)).sum(-1)  # (..., out, in/64) -> (..., out)
+
+
+def dequantized_linear(x, shape, dtype, *buffers):
+    return F.linear(x, dequantize(shape, dtype, *buffers))
+
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+def recompute_all_but_matmuls():
+    """Selective checkpointing's contexts: a matmul's output is saved, every other op recomputed."""
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 class QuantLinear(nn.Module):
     """A frozen y = x W^T with W held in `bits` (4: NF4 with double quantization, 8: int8 per row)
     and dequantized on every call in `dtype`, the precision the 16-bit model would hold it in. It
@@ -166,7 +201,18 @@ class QuantLinear(nn.Module):
         return dequantize((self.out_features, self.in_features), dtype or self.dtype, *self.buffers_in_order())
 
     def forward(self, x):
-        return QuantMatmul.apply(x, (self.out_features, self.in_features), self.dtype, *self.buffers_in_order())
+        shape, buffers = (self.out_features, self.in_features), self.buffers_in_order()
+        if not torch.compiler.is_compiling():
+            return QuantMatmul.apply(x, shape, self.dtype, *buffers)  # the reference
+        if not torch.is_grad_enabled():
+            if x.numel() <= FUSED_ROWS * self.in_features and self.in_features % BLOCK == 0:
+                return fused_matvec(x, shape, *buffers).to(self.dtype)  # decoding: bound by the bytes read
+            return dequantized_linear(x, shape, self.dtype, *buffers)
+        # Traced, QuantMatmul's two dequantizations become one (the same inputs), whose output is
+        # then kept for the backward: a 16-bit copy of every weight. As a region of selective
+        # checkpointing, the dequantization is recomputed and only the matmul's output saved.
+        return checkpoint(dequantized_linear, x, shape, self.dtype, *buffers, use_reentrant=False,
+                          context_fn=recompute_all_but_matmuls)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, dtype={self.dtype}"

@@ -105,14 +105,24 @@ def bench_lite(device, dtype, quick=False):
             lines.append(lite_load_memory(ModelArgs(dim=2048, n_layers=8, n_heads=16, vocab_size=32000, multiple_of=256,
                                                     norm_eps=1e-6)))
         return lines
-    args = LLAMA_PRESETS["7B"]
+    for size in ("7B", "13B"):
+        lite_training(lines, size, device, dtype, reps, eager=size == "7B")
+    for size, bits in (("7B", 4), ("7B", 8), ("13B", 4)):
+        lite_decode(lines, size, bits, device, dtype)
+    return lines
+
+
+def lite_training(lines: Report, size: str, device, dtype, reps: int, eager: bool):
+    """LaVIN-{size}-lite with random weights: the training step with gradient checkpointing, at
+    1 x 512 and 4 x 512, eager (7B) and compiled, samples/s and peak memory."""
+    args = LLAMA_PRESETS[size]
     model = random_lavin(device, dtype, args, VIT_L14)
     quant.quantize_(model.llama.layers, 4)  # the random bf16 weights become NF4; the 16-bit copies are freed
     torch.cuda.empty_cache()
-    lines.append(f"LaVIN-7B-lite, random weights, {device.type} {dtype}: LLaMA blocks in NF4 "
+    lines.append(f"LaVIN-{size}-lite, random weights, {device.type} {dtype}: LLaMA blocks in NF4 "
                  f"({quant.held_bytes(model.llama) / 2**30:.2f} GiB), CLIP in bf16, fp32 adapters")
     model.llama.grad_checkpointing = model.visual.grad_checkpointing = True
-    for compiled in (False, True):
+    for compiled in (False, True) if eager else (True,):
         if compiled:
             compile_blocks(model)
         for B in (1, 4):
@@ -123,15 +133,22 @@ def bench_lite(device, dtype, quick=False):
             except torch.cuda.OutOfMemoryError:
                 lines.append(f"  {tag}: out of memory")
                 torch.cuda.empty_cache()
-    del model  # its blocks are compiled: decode gets a fresh one, after this one is freed
+    del model  # its blocks are compiled: decoding gets a fresh model, after this one is freed
     torch.cuda.empty_cache()
-    model = random_lavin(device, dtype, dataclasses.replace(args, max_seq_len=640), VIT_L14).eval()
-    quant.quantize_(model.llama.layers, 4)
+
+
+def lite_decode(lines: Report, size: str, bits: int, device, dtype):
+    """Decoding at batch 1 from a 512-token context over LLaMA-{size} blocks at `bits`: eager, and
+    compiled (the one-token step reads the codes: quant.fused_matvec)."""
+    model = random_lavin(device, dtype, dataclasses.replace(LLAMA_PRESETS[size], max_seq_len=640), VIT_L14).eval()
+    quant.quantize_(model.llama.layers, bits)
     torch.cuda.empty_cache()
+    tag = f"  LLaMA-{size} at {bits} bits, decode, batch 1, 512-token context"
     eager, want = decode_rate(model, 1, 512, 64, device, dtype)
-    lines.append(f"  decode, batch 1, 512-token context, eager: {eager:,.1f} tokens/s")
+    lines.append(f"{tag}, eager: {eager:,.1f} tokens/s")
     t0 = time.perf_counter()
     rate, got = decode_rate(model, 1, 512, 64, device, dtype, generate.StaticDecoder(model.llama))
-    lines.append(f"  decode, batch 1, 512-token context, --compile: {rate:,.1f} tokens/s ({rate / eager:.1f}x eager; "
+    lines.append(f"{tag}, --compile: {rate:,.1f} tokens/s ({rate / eager:.1f}x eager; "
                  f"{time.perf_counter() - t0:.0f} s to compile and run), {same_tokens(got, want)}")
-    return lines
+    del model
+    torch.cuda.empty_cache()

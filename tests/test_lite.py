@@ -3,6 +3,7 @@ the 4-bit decode compiled (quant.py's numerics: test_quant.py)."""
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -95,5 +96,81 @@ def test_compiled_decode_at_4_bits_gives_the_eager_tokens():
     r = model.visual.resolution
     images = torch.randn(2, 3, r, r, generator=torch.Generator().manual_seed(2))
     ind = torch.tensor([1, 0])
+    want = generate(model, tok, prompts, images, ind, max_new_tokens=12)
+    assert generate(model, tok, prompts, images, ind, max_new_tokens=12, decoder=StaticDecoder(model.llama)) == want
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_compiled_lite_block_saves_no_dequantized_weight_for_the_backward(bits):
+    """What a compiled block's forward graph hands its backward, as inductor partitions it (the
+    min-cut partitioner; no kernels are generated here): the codes, never a 16-bit weight. Traced
+    as QuantMatmul, the two dequantizations merged and the weight was saved, in every layer of
+    every block, gradient checkpointing or not (LaVIN-7B-lite on a GPU: +11.6 GiB)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from tests.test_lavin import batch
+    from tests.test_quant import lite
+
+    saved = []
+
+    def forward_graph(gm, example_inputs):  # its outputs: the block's, then what the backward keeps
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.append([n.meta["val"] for n in outputs if hasattr(n, "meta") and "val" in n.meta])
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=lambda gm, _: gm.forward,
+                           partition_fn=min_cut_rematerialization_partition)
+    for checkpointing in (False, True):
+        torch._dynamo.reset()
+        saved.clear()
+        model = lite(bits, adapter_dropout=0.0).train()
+        model.llama.grad_checkpointing = checkpointing
+        sizes = {m.in_features * m.out_features for m in model.llama.modules() if isinstance(m, quant.QuantLinear)}
+        for block in model.llama.layers:
+            block.compile(backend=backend)
+        tokens, images, ind, labels = batch()  # activations of 3 x 7 x 64: no weight's size
+        model(tokens, images, ind, labels).backward()
+        assert len(saved) >= 1 and all(any(t.dtype in (torch.uint8, torch.int8) for t in s) for s in saved)
+        full = [tuple(t.shape) for s in saved for t in s if t.is_floating_point() and t.numel() in sizes]
+        assert full == [], f"saved for the backward, the size of a weight: {full}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decoding_compiled_reads_the_codes_and_gives_the_dequantized_matmul(bits):
+    """A decode step's row without gradients, compiled: quant.fused_matvec, whose sums over the
+    codes inductor fuses into kernels that write no buffer of the weight's size (the one
+    dequantized weight would be 96 x 256). The result is x W^T to fp32 rounding (float64 reference)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    layer = quant.QuantLinear.from_weight(torch.randn(96, 256, generator=torch.Generator().manual_seed(0)), bits)
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ layer.dequantize(torch.float64).t()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(layer), x)
+        eager = quant.fused_matvec(x, (96, 256), *layer.buffers_in_order())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(eager.double(), want, rtol=0, atol=1e-5)
+    buffers = [math.prod(int(d) for d in re.findall(r"\d+", shape))
+               for shape in re.findall(r"empty_strided\w*\(\(([\d, ]*)\)", "\n".join(code))]
+    assert buffers and max(buffers) < 96 * 256 // 2, buffers  # the largest: the output's or the partial sums'
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compiled_fused_decode_gives_the_eager_tokens(bits):
+    """A LaVIN whose widths are whole blocks of 64 (so the fused path runs), decoded compiled in
+    fp32 on the CPU: the eager tokens, for image and text rows."""
+    from generate import StaticDecoder, generate
+    from tests.test_lavin import batch
+    from tests.test_quant import lite
+
+    model = lite(bits).eval()
+    tokens, images, ind, _ = batch()
+    prompts = [row.tolist() for row in tokens]
+    tok = types.SimpleNamespace(eos_id=-1, bos_id=1, decode=lambda ids: "")  # no EOS: every step is compared
     want = generate(model, tok, prompts, images, ind, max_new_tokens=12)
     assert generate(model, tok, prompts, images, ind, max_new_tokens=12, decoder=StaticDecoder(model.llama)) == want
