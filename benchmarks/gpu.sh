@@ -8,7 +8,8 @@
 #
 # train: bench.py --only train --quick (4 x 512: eager with and without the adapters, compiled,
 # each with and without gradient checkpointing); e2e: train.py + sample.py --run on LaVIN-7B's
-# sizes; sample: decode at batch 1, eager and compiled; lite: LaVIN-7B-lite.
+# sizes; sample: decode at batch 1, eager and compiled; lite: LaVIN-7B-lite and 13B-lite, training
+# and decoding at 4 bits (and 8 for 7B's decoding): the longest part, up to 10 minutes.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}
@@ -31,6 +32,8 @@ for part in "${parts[@]}"; do
     *) echo "unknown part $part: train, e2e, sample or lite" >&2; exit 2 ;;
   esac
   echo "== python bench.py ${args[*]}" | tee "$out/$part.txt"
-  timeout "$limit" python bench.py "${args[@]}" 2>&1 | tee -a "$out/$part.txt"
+  seconds=$limit
+  [ "$part" = lite ] && seconds=${PART_SECONDS:-590}
+  timeout "$seconds" python bench.py "${args[@]}" 2>&1 | tee -a "$out/$part.txt"
   echo "== exit ${PIPESTATUS[0]}" | tee -a "$out/$part.txt"
 done
