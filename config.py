@@ -168,7 +168,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else PRESETS[preset].get("clip_path", "")),
         coco_root=cfg.coco_root or (f"{data_path}/train2014" if cfg.dataset in data.CHAT_DATASETS else ""))
     if cfg.threads < 0:
-        raise UsageError(f"--threads must be at least 0 (0 = one per free core), got {cfg.threads}")
+        raise UsageError(f"--threads must be at least 0 (0 = OMP_NUM_THREADS, else one per free core), "
+                         f"got {cfg.threads}")
     for name in ("epochs", "batch_size", "effective_batch", "max_seq_len", "adapter_dim", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")

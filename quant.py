@@ -113,22 +113,25 @@ def fused_matvec(x, shape, weight, absmax, nested_absmax=None, offset=None, quan
     """x W^T for a few rows of x (decoding), in fp32, as sums the compiler fuses into one kernel
     that reads the codes: no (out, in) weight is written. Per output and block of 64 inputs, the
     sum of x * NF4[code], times the block's scale (int8: per output, x * code, times absmax/127).
-    Eagerly it materializes those products: it is for torch.compile. Needs in % 64 == 0."""
+    Eagerly it materializes those products: it is for torch.compile. NF4 needs in % 64 == 0."""
     out_f, in_f = shape
     x = x.float()
     if quant_map is None:
         return (x[..., None, :] * weight.float()).sum(-1) * (absmax / 127.0)  # (..., 1, in) * (out, in) -> (..., out)
     scales = per_block(nested_quant_map[absmax.int()], nested_absmax, NESTED_BLOCK) + offset  # (out * in / 64,)
-    packed = weight.view(out_f, in_f // BLOCK, BLOCK // 2)  # row-major blocks; a byte: two codes, the first high
+    packed = weight.view(out_f, in_f // BLOCK, BLOCK // 2)  # (out, in/64, 32): a byte, two codes, the first high
     pairs = x.view(*x.shape[:-1], 1, in_f // BLOCK, BLOCK // 2, 2)  # (..., 1, in/64, 32, 2)
     partial = (pairs[..., 0] * quant_map[(packed >> 4).int()] + pairs[..., 1] * quant_map[(packed & 15).int()]).sum(-1)
     return (partial * scales.view(out_f, in_f // BLOCK)).sum(-1)  # (..., out, in/64) -> (..., out)
 
 
 def dequantized_linear(x, shape, dtype, *buffers):
+    """x W^T with W dequantized in dtype: what QuantMatmul computes, as plain ops for the compiler."""
     return F.linear(x, dequantize(shape, dtype, *buffers))
 
 
+# Saved, not recomputed: the matmul's output is what the next ops' backward needs, and the one
+# costly op of the region; everything else (the dequantization) is cheap to redo from the codes.
 MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
 
 
@@ -205,7 +208,7 @@ class QuantLinear(nn.Module):
         if not torch.compiler.is_compiling():
             return QuantMatmul.apply(x, shape, self.dtype, *buffers)  # the reference
         if not torch.is_grad_enabled():
-            if x.numel() <= FUSED_ROWS * self.in_features and self.in_features % BLOCK == 0:
+            if x.numel() <= FUSED_ROWS * self.in_features and (self.bits == 8 or self.in_features % BLOCK == 0):
                 return fused_matvec(x, shape, *buffers).to(self.dtype)  # decoding: bound by the bytes read
             return dequantized_linear(x, shape, self.dtype, *buffers)
         # Traced, QuantMatmul's two dequantizations become one (the same inputs), whose output is

@@ -27,7 +27,8 @@ class UsageError(Exception):
 
 def plain_warnings():
     """An entry point's warnings as one line each, "warning: <message>", without Python's file,
-    line and source (warnings.formatwarning is the hook the warnings module offers for this)."""
+    line and source. It sets warnings.formatwarning, the hook the warnings module offers for
+    this, for the whole process: call it from a script's __main__ only, never from a library."""
     import warnings
 
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"

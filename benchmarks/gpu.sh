@@ -9,7 +9,8 @@
 # train: bench.py --only train --quick (4 x 512: eager with and without the adapters, compiled,
 # each with and without gradient checkpointing); e2e: train.py + sample.py --run on LaVIN-7B's
 # sizes; sample: decode at batch 1, eager and compiled; lite: LaVIN-7B-lite and 13B-lite, training
-# and decoding at 4 bits (and 8 for 7B's decoding): the longest part, up to 10 minutes.
+# and decoding at 4 bits (and 8 for 7B's decoding): the longest part, up to 10 minutes. Each part
+# stops after 420 s (lite: 590 s); PART_SECONDS=N sets every part's limit.
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-out/gpu}

@@ -72,9 +72,9 @@ def lite_load_memory(args: ModelArgs) -> str:
 def bench_lite(device, dtype, quick=False):
     """LaVIN-lite: the frozen LLaMA's bytes at 16, 8 and 4 bits (exact, from the configs); on the CPU
     the host memory of a streamed 4-bit load, and the shapes model's training step and decode at
-    each bits; on a GPU LaVIN-7B-lite with random
-    weights: the training step with gradient checkpointing at 1 x 512 and 4 x 512, eager and
-    compiled, and decode at batch 1, eager and --compile."""
+    each bits; on a GPU LaVIN-7B-lite and 13B-lite with random weights: the training step with
+    gradient checkpointing at 1 x 512 and 4 x 512 (7B eager and compiled, 13B compiled), and decode
+    at batch 1, eager and --compile, at 4 bits (7B, 13B) and 8 bits (7B)."""
     lines = Report()
     lines.append("LaVIN-lite: the frozen LLaMA (embeddings, norms and output head in bf16, the blocks' linears at "
                  "16/8/4 bits), exact from the config")

@@ -192,9 +192,9 @@ def main(argv=None) -> dict:
     if not isinstance(preds, dict):
         raise DataError(f"{args.preds}: expected an object cocoid -> caption")
     references = coco.references_of(coco.read_karpathy(args.data), args.split)
-    result = score(preds, references)
-    for line in warnings_of(preds, references, args.split):
+    for line in warnings_of(preds, references, args.split):  # before score(): it may refuse the file
         print(f"warning: {line}", file=sys.stderr)
+    result = score(preds, references)
     print(format_table(result, args.split))
     if args.out:
         save_json(args.out, result)
