@@ -79,16 +79,26 @@ def per_block(values: torch.Tensor, scales: torch.Tensor, block: int) -> torch.T
     return (values.view(-1, block) * scales[:, None]).flatten()[:n]  # (blocks, block) -> (n,)
 
 
+def block_scales(absmax, nested_absmax, offset, nested_quant_map) -> torch.Tensor:
+    """Each NF4 block's scale (n/64,): its 8-bit absmax code, dequantized by double quantization."""
+    return per_block(nested_quant_map[absmax.int()], nested_absmax, NESTED_BLOCK) + offset
+
+
 def dequantize(shape, dtype, weight, absmax, nested_absmax=None, offset=None, quant_map=None, nested_quant_map=None):
     """The (out, in) weight in dtype from a QuantLinear's buffers: int8 codes and row absmaxes, or
     NF4 (the last four given). Computed in fp32, as bitsandbytes does, then cast."""
     if quant_map is None:
         w = weight.float() * (absmax / 127.0)[:, None]
     else:
-        scales = per_block(nested_quant_map[absmax.int()], nested_absmax, NESTED_BLOCK) + offset  # (n/64,)
+        scales = block_scales(absmax, nested_absmax, offset, nested_quant_map)  # (n/64,)
         codes = torch.stack((weight >> 4, weight & 15), -1).flatten()  # (n/2, 2) -> (n,): high nibble first
         w = per_block(quant_map[codes.int()], scales, BLOCK)
     return w.view(shape).to(dtype)
+
+
+def dequantized_linear(x, shape, dtype, *buffers):
+    """x W^T with W dequantized in dtype: QuantMatmul's forward, and the compiled paths' plain ops."""
+    return F.linear(x, dequantize(shape, dtype, *buffers))
 
 
 class QuantMatmul(torch.autograd.Function):
@@ -100,7 +110,7 @@ class QuantMatmul(torch.autograd.Function):
     def forward(ctx, x, shape, dtype, *buffers):
         ctx.shape = shape
         ctx.save_for_backward(*buffers)
-        return F.linear(x, dequantize(shape, dtype, *buffers))
+        return dequantized_linear(x, shape, dtype, *buffers)
 
     @staticmethod
     def backward(ctx, grad):
@@ -118,16 +128,11 @@ def fused_matvec(x, shape, weight, absmax, nested_absmax=None, offset=None, quan
     x = x.float()
     if quant_map is None:
         return (x[..., None, :] * weight.float()).sum(-1) * (absmax / 127.0)  # (..., 1, in) * (out, in) -> (..., out)
-    scales = per_block(nested_quant_map[absmax.int()], nested_absmax, NESTED_BLOCK) + offset  # (out * in / 64,)
+    scales = block_scales(absmax, nested_absmax, offset, nested_quant_map)  # (out * in / 64,)
     packed = weight.view(out_f, in_f // BLOCK, BLOCK // 2)  # (out, in/64, 32): a byte, two codes, the first high
     pairs = x.view(*x.shape[:-1], 1, in_f // BLOCK, BLOCK // 2, 2)  # (..., 1, in/64, 32, 2)
     partial = (pairs[..., 0] * quant_map[(packed >> 4).int()] + pairs[..., 1] * quant_map[(packed & 15).int()]).sum(-1)
     return (partial * scales.view(out_f, in_f // BLOCK)).sum(-1)  # (..., out, in/64) -> (..., out)
-
-
-def dequantized_linear(x, shape, dtype, *buffers):
-    """x W^T with W dequantized in dtype: what QuantMatmul computes, as plain ops for the compiler."""
-    return F.linear(x, dequantize(shape, dtype, *buffers))
 
 
 # Saved, not recomputed: the matmul's output is what the next ops' backward needs, and the one
