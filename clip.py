@@ -235,8 +235,8 @@ def to_rgb(image: Image.Image, background=None) -> Image.Image:
 
 
 def load_image(path, background=None) -> Image.Image:
-    """Open, fully decode (so truncated files fail here), apply EXIF orientation, convert to RGB
-    (see to_rgb for background)."""
+    """Open a path or binary file, fully decode (so truncated files fail here), apply EXIF
+    orientation, convert to RGB (see to_rgb for background)."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -246,7 +246,8 @@ def load_image(path, background=None) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
             Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {os.fspath(path)}: {type(e).__name__}: {e}") from e
+        name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "(bytes)"  # demo.py passes a BytesIO
+        raise ValueError(f"cannot read image {name}: {type(e).__name__}: {e}") from e
 
 
 def preprocess(image, mode: str = "clip", resolution: int = 224, background=None) -> torch.Tensor:

@@ -191,7 +191,7 @@ class Stream:
 
     def __call__(self, row, ids, final: bool = False):
         text = self.tok.decode(ids)
-        if text.startswith(self.shown) and (final or not text.endswith("\ufffd")):
+        if text.startswith(self.shown) and text != self.shown and (final or not text.endswith("\ufffd")):
             self.write(text[len(self.shown):])
             self.shown = text
 

@@ -19,6 +19,7 @@ Only names containing "adapter" train: ~3.8M parameters for LaVIN-7B, ~5.4M for 
 import argparse
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,6 +156,22 @@ class LaVIN(nn.Module):
         ind = torch.zeros(batch, dtype=torch.long, device=device) if img_indicator is None else img_indicator.long()
         m = self.adapter_modality_embedding(ind)[:, None].to(dtype)  # (B, 1, dim)
         return self.llama.route(m)
+
+    @contextmanager
+    def clip_routing(self):
+        """Within the block, what CLIP's routers choose as images pass through: yields a list
+        that receives, for each CLIP block in order, the router weights (B, L, 2) of every token
+        (demo.py draws them). Forward hooks on the routers: what the model computes is unchanged,
+        and they are removed on leaving. Empty without a router or without the visual path."""
+        found = []
+        routers = [b.adapter_attn.expert_weights for b in self.visual.transformer.resblocks
+                   if isinstance(b.adapter_attn, MMAdapter)]
+        hooks = [r.register_forward_hook(lambda module, args, w: found.append(w.detach())) for r in routers]
+        try:
+            yield found
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def forward(self, tokens, images=None, img_indicator=None, labels=None, reduction: str = "mean"):
         """Logits (B, T + E, vocab) of the sequence `embed` builds; with labels, the next-token

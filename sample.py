@@ -78,26 +78,37 @@ CHOICES = {"dataset": ("", *data.EVAL_DATASETS), "template": ("auto", "raw", "in
 
 # ----------------------------------------------------------------------------- the command line
 
-def make_config(argv=None) -> SampleConfig:
-    p = argparse.ArgumentParser(description="Ask a trained LaVIN about an image, chat with it, or evaluate it.")
-    helps = field_help(SampleConfig)
-    for f in dataclasses.fields(SampleConfig):
+def parse_flags(cls, description: str, choices: dict, argv=None):
+    """An instance of the config dataclass cls from the command line: a flag per field, its
+    comment the help (demo.py parses its own config this way too)."""
+    p = argparse.ArgumentParser(description=description)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
         text = f"{helps[f.name]} (default: {f.default!r})".replace("%", "%%")
         if f.type == "bool":
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             p.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                           default=f.default, choices=CHOICES.get(f.name), help=text)
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = SampleConfig(**vars(p.parse_args(argv)))
-    if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
-        raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
-    for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("temperature", 0), ("threads", 0)):
+                           default=f.default, choices=choices.get(f.name), help=text)
+    return cls(**vars(p.parse_args(argv)))
+
+
+def check_at_least(cfg, lows: dict):
+    """Each named field at least its low; top_p in (0, 1]."""
+    for name, low in lows.items():
         if getattr(cfg, name) < low:
             raise UsageError(f"--{name} must be at least {low}, got {getattr(cfg, name)}"
                              + (" (0 is greedy)" if name == "temperature" else ""))
     if not 0 < cfg.top_p <= 1:
         raise UsageError(f"--top_p must be in (0, 1], got {cfg.top_p}")
+
+
+def make_config(argv=None) -> SampleConfig:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_flags(SampleConfig, "Ask a trained LaVIN about an image, chat with it, or evaluate it.", CHOICES, argv)
+    if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
+        raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
+    check_at_least(cfg, {"max_new_tokens": 1, "batch_size": 1, "temperature": 0, "threads": 0})
     return cfg
 
 

@@ -108,3 +108,25 @@ def write_hf(folder: Path, args, state: dict, n_files: int = 2, fmt: str = "bin"
 
             save_file(part, str(folder / f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"))
     return folder
+
+
+def write_chat_run(folder: Path, chat_set: Path, seed: int = 0, std: float = 0.05) -> Path:
+    """A train.py output folder of the shapes-chat preset over the shipped tiny Vicuna and CLIP
+    (adapters.pth with the run's config). The adapters are random where training would have moved
+    them (up-projections, routers, modality tokens): they change the answers and the routing
+    differs between layers, tokens and modalities."""
+    from data import shapes
+    from lavin import LaVINArgs, load_lavin, save_adapters
+
+    llama, clip_path = shapes.BACKBONES / "vicuna", shapes.BACKBONES / "clip" / "ViT-tiny.pt"
+    model, _ = load_lavin(llama, clip_path, LaVINArgs(), max_seq_len=256)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in (".conv_B.", ".conv_D.", ".expert_weights.", "modality_embedding")):
+                p.normal_(0, std if ".conv_" in name else 1.0, generator=g)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(dataset="shapes-chat", llama_path=str(llama), clip_path=str(clip_path), data_path=str(chat_set),
+                  max_seq_len=256, image_mode="lavin", threads=1, bits=16)
+    save_adapters(folder / "adapters.pth", model, config=config, step=1)
+    return folder

@@ -26,3 +26,26 @@ def tiny_set(tmp_path_factory) -> Path:
     from data import shapes
 
     return shapes.ensure(tmp_path_factory.mktemp("train") / "shapes", n_problems=60, seed=0, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """demo.py's tests: a chat run over the shipped tiny Vicuna and CLIP (tests/checkpoints.py), its
+    Demo, and the server serving it on a free port, in a thread of this process."""
+    import threading
+    import types
+
+    import demo
+    from data import shapes_chat
+    from tests.checkpoints import write_chat_run
+
+    root = tmp_path_factory.mktemp("demo")
+    run = write_chat_run(root / "run", shapes_chat.generate(root / "chat", pictures=8, quiet=True))
+    d = demo.load(demo.DemoConfig(run=str(run), examples=4))
+    server = demo.make_server(d, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    picture, question = d.examples[0]
+    yield types.SimpleNamespace(run=run, demo=d, port=server.server_address[1], picture=picture, question=question)
+    server.shutdown()
+    server.server_close()

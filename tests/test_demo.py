@@ -1,0 +1,327 @@
+"""demo.py over HTTP: a real server on a free port, the shipped tiny Vicuna and CLIP with random
+adapters (the `site` fixture of conftest.py), requests made with the standard library. The page in
+a real browser: test_demo_browser.py."""
+import base64
+import copy
+import http.client
+import io
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import types
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import demo
+import sample
+from generate import generate
+from router import IMAGE, TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def request(site, method, path, body=None, headers=None, timeout=60):
+    """(status, content type, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=timeout)
+    if isinstance(body, dict):
+        body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    conn.request(method, path, body, headers or {})
+    res = conn.getresponse()
+    out = res.status, res.getheader("Content-Type"), res.read()
+    conn.close()
+    return out
+
+
+def events(body: bytes) -> list:
+    """The data of each server-sent event, comments left out."""
+    return [json.loads(block[len("data: "):]) for block in body.decode().split("\n\n")
+            if block.startswith("data: ")]
+
+
+def chat(site, messages, image=None, **fields):
+    """(the stream's tokens, the done event) of one answer."""
+    body = {"image": base64.b64encode(Path(image).read_bytes()).decode() if image else None,
+            "messages": messages, **fields}
+    status, kind, raw = request(site, "POST", "/api/chat", body)
+    assert (status, kind) == (200, "text/event-stream; charset=utf-8"), raw
+    evs = events(raw)
+    assert evs[-1]["done"] and all(set(e) == {"token"} for e in evs[:-1])
+    return [e["token"] for e in evs[:-1]], evs[-1]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+# ----------------------------------------------------------------------------- answers
+
+def test_streamed_answer_is_sample_pys_greedy_answer(site):
+    for image in (site.picture, None):
+        tokens, done = chat(site, [user(site.question)], image)
+        assert len(tokens) == done["tokens"] >= 2 and "".join(tokens) == done["text"]  # an event per token
+        expected = sample.main(sample.SampleConfig(run=str(site.run), image=str(image or ""), prompt=site.question))
+        assert done["text"] == expected and done["tokens"] >= 2
+
+
+def test_follow_up_reads_the_conversation_as_training_wrote_it(site):
+    _, first = chat(site, [user(site.question)], site.picture)
+    follow = "What is in the picture?"
+    tokens, done = chat(site, [user(site.question), {"role": "assistant", "content": first["text"]}, user(follow)],
+                        site.picture)
+    tok, model = site.demo.tok, site.demo.model
+    # training's multi-turn format (data.encode_turns): each turn prompt + answer in one string, EOS after it
+    ids = tok.encode(f"Instruction: {site.question}\nResponse:{first['text']}", bos=True, eos=True)
+    ids += tok.encode(f"Instruction: {follow}\nResponse:", bos=False, eos=False)
+    assert done["positions"] == len(ids) + int(model.inserted(torch.tensor([IMAGE])))
+    image = demo.read_picture(Path(site.picture).read_bytes(), "lavin", model.visual.resolution)
+    out = generate(model, tok, [ids], image[None], torch.tensor([IMAGE]), max_new_tokens=64)
+    assert done["text"] == "".join(tokens) == tok.decode(out[0])
+
+
+def reference_llama_routes(model, modality) -> list:
+    """The routers' formula in float64: the modality token alone through every block (it attends
+    only to itself, so attention returns its own value), w = softmax(Linear(RMSNorm(h)) / tau)."""
+    def rms(x, w, eps):
+        return x / torch.sqrt(x.pow(2).mean() + eps) * w.double()
+
+    def lin(m, x):
+        return m.weight.double() @ x + (m.bias.double() if m.bias is not None else 0)
+
+    def up(conv, x):  # a grouped 1x1 convolution as the block-diagonal matrix it is
+        blocks = conv.weight.double().unflatten(0, (conv.groups, -1))
+        return torch.block_diag(*blocks) @ x + conv.bias.double()
+
+    args, pairs = model.llama.args, []
+    h = model.adapter_modality_embedding.weight[modality].double()
+    for block in model.llama.layers:
+        t = rms(h, block.attention_norm.weight, args.norm_eps)
+        ad = block.adapter_attn
+        w = torch.softmax(lin(ad.expert_weights, t) / ad.expert_weights.temperature, -1)
+        pairs.append(w.tolist())
+        down = lin(ad.conv_A, t)
+        a = t + ad.scale * (w[0] * up(ad.conv_B, down) + w[1] * up(ad.conv_D, down))
+        att = block.attention
+        v = lin(att.wv, a).view(args.kv_heads, -1).repeat_interleave(args.n_heads // args.kv_heads, 0).flatten()
+        h = h + lin(att.wo, v)
+        n = rms(h, block.ffn_norm.weight, args.norm_eps)
+        ff = block.feed_forward
+        h = h + lin(ff.w2, torch.nn.functional.silu(lin(ff.w1, n)) * lin(ff.w3, n))
+    return pairs
+
+
+def reference_clip_routes(model, image) -> list:
+    """Each CLIP block's router on each token's ln_1(x), in float64, averaged over the tokens."""
+    visual = copy.deepcopy(model.visual).double()
+    x, pairs = visual.embed(image[None].double()), []
+    for block in visual.transformer.resblocks:
+        r = block.adapter_attn.expert_weights
+        w = torch.softmax((block.ln_1(x) @ r.weight.T + r.bias) / r.temperature, -1)  # (1, L, 2)
+        pairs.append(w[0].mean(0).tolist())
+        x = block.layer(x)
+    return pairs
+
+
+def test_routing_is_the_routers_formula_per_layer(site):
+    model = site.demo.model
+    _, with_picture = chat(site, [user(site.question)], site.picture)
+    _, text_only = chat(site, [user(site.question)])
+    image = demo.read_picture(Path(site.picture).read_bytes(), "lavin", model.visual.resolution)
+    for done, modality in ((with_picture, IMAGE), (text_only, TEXT)):
+        llama = done["routing"]["llama"]
+        assert len(llama) == len(model.llama.layers) and "llama_mlp" not in done["routing"]
+        assert all(abs(sum(p) - 1) < 1e-6 for p in llama)
+        expected = torch.tensor(reference_llama_routes(model, modality), dtype=torch.float64)
+        assert torch.allclose(torch.tensor(llama, dtype=torch.float64), expected, atol=1e-5)
+    assert with_picture["routing"]["llama"] != text_only["routing"]["llama"]  # the modality token decides
+    clip = with_picture["routing"]["clip"]
+    assert len(clip) == len(model.visual.transformer.resblocks) and all(abs(sum(p) - 1) < 1e-6 for p in clip)
+    expected = torch.tensor(reference_clip_routes(model, image), dtype=torch.float64)
+    assert torch.allclose(torch.tensor(clip, dtype=torch.float64), expected, atol=1e-5)
+    assert text_only["routing"]["clip"] == []  # no picture: CLIP does not run
+
+
+# ----------------------------------------------------------------------------- what the page needs
+
+def test_info_page_and_example_pictures(site):
+    status, kind, raw = request(site, "GET", "/api/info")
+    info = json.loads(raw)
+    assert (status, kind) == (200, "application/json")
+    assert {k: info[k] for k in ("run", "bits", "dataset", "device", "template")} == \
+        {"run": "run", "bits": 16, "dataset": "shapes-chat", "device": "cpu", "template": "instruction"}
+    assert len(info["examples"]) == 4 and info["examples"][0]["prompt"] == site.question
+    assert "/mme/" in site.picture and site.question.endswith("Please answer yes or no.")  # MME: the run's test
+    status, kind, raw = request(site, "GET", info["examples"][0]["url"])
+    assert (status, raw) == (200, Path(site.picture).read_bytes()) and kind.startswith("image/")
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=30)
+    conn.request("GET", "/")
+    res = conn.getresponse()
+    page, policy = res.read(), res.getheader("Content-Security-Policy")
+    assert res.status == 200 and page == (ROOT / "demo.html").read_bytes()
+    assert b"http://" not in page and b"https://" not in page and b"src=\"//" not in page  # nothing from outside
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+
+
+# ----------------------------------------------------------------------------- a steady server
+
+def png_header(width, height) -> bytes:
+    """A PNG of the given size without pixel data: Pillow reads the size before anything else."""
+    def chunk(kind, data=b""):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND")
+
+
+def picture_bytes(fmt) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, fmt)
+    return buf.getvalue()
+
+
+def raw_exchange(site, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", site.port), timeout=30) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: s.recv(65536), b""))
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+BAD_CHATS = [  # (body, status, a piece of the message)
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"messages": []}, 400, "non-empty list"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "alternates user and assistant"),
+    ({"messages": [user("a"), user("b")]}, 400, "message 1 must be"),
+    ({"messages": [user("a"), {"role": "assistant", "content": "b"}]}, 400, "last message must be the user's"),
+    ({"messages": [user("  ")]}, 400, "question is empty"),
+    ({"messages": [user("a")], "temprature": 1}, 400, "unknown field 'temprature'"),
+    ({"messages": [user("a")], "max_new_tokens": 0}, 400, "'max_new_tokens' must be an integer of at least 1"),
+    ({"messages": [user("a")], "max_new_tokens": "5"}, 400, "'max_new_tokens' must be"),
+    ({"messages": [user("a")], "max_new_tokens": True}, 400, "'max_new_tokens' must be"),
+    ({"messages": [user("a")], "temperature": -1}, 400, "'temperature' must be a number of at least 0"),
+    ({"messages": [user("a")], "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
+    ({"messages": [user("a")], "seed": 2 ** 64}, 400, "'seed' must be"),
+    ({"messages": [user("a")], "image": 5}, 400, "'image' must be"),
+    ({"messages": [user("a")], "image": "not base64!"}, 400, "not valid base64"),
+    ({"messages": [user("a")], "image": b64(b"plain text, no picture")}, 400, "not a picture"),
+    ({"messages": [user("a")], "image": b64(picture_bytes("GIF"))}, 400, "a GIF file: send a JPEG, PNG or WebP"),
+    ({"messages": [user("a")], "image": b64(picture_bytes("PNG")[:60])}, 400, "the picture is damaged"),
+    ({"messages": [user("a")], "image": b64(png_header(10_000, 10_000))}, 400, "decompression-bomb limit"),
+    ({"messages": [user("a")], "image": b64(png_header(20_000, 20_000))}, 400, "too large to open safely"),
+    ({"messages": [user("word " * 400)]}, 400, "start a new chat"),
+]
+BAD_PATHS = ["/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/examples/../../etc/passwd",
+             "/examples/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "//etc/passwd", "/demo.py", "/demo.html", "/examples/4",
+             "/examples/-1", "/examples/0x0", "/examples/%30", "/api/chat"]
+
+
+def test_bad_requests_get_their_status_and_a_sentence_and_the_server_goes_on(site):
+    for body, status, text in BAD_CHATS:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        got, kind, answer = request(site, "POST", "/api/chat", raw, {"Content-Type": "application/json"})
+        assert (got, kind) == (status, "application/json") and text in json.loads(answer)["error"], (body, answer)
+    for path in BAD_PATHS:
+        got, kind, answer = request(site, "GET", path)
+        assert (got, kind) == (404, "application/json") and b"root:" not in answer, path
+    assert request(site, "POST", "/api/chat", b"{}", {"Content-Type": "text/plain"})[0] == 415
+    assert request(site, "POST", "/api/elsewhere", {"messages": [user("a")]})[0] == 404
+    assert request(site, "PUT", "/api/chat", {"messages": [user("a")]})[0] == 501
+    # a body over 20 MB is refused from its header alone: none of it is sent
+    big = b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20971521\r\n\r\n"
+    head, _, answer = raw_exchange(site, big).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 413") and "20 MB" in json.loads(answer)["error"]
+    head, _, answer = raw_exchange(site, b"POST /api/chat HTTP/1.1\r\nHost: x\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 411") and "Content-Length" in json.loads(answer)["error"]
+    head, _, answer = raw_exchange(site, b"GET /a b HTTP/1.1\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400") and "Bad request syntax" in json.loads(answer)["error"]
+    tokens, done = chat(site, [user(site.question)], site.picture)  # and the next good one is answered
+    assert done["text"] and "".join(tokens) == done["text"]
+
+
+def wait_for(condition, seconds=20.0):
+    until = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < until, "timed out"
+        time.sleep(0.02)
+
+
+def test_twelve_clients_eight_wait_four_are_turned_away_none_hangs(site):
+    d, results = site.demo, []
+    body = {"image": b64(Path(site.picture).read_bytes()), "messages": [user(site.question)]}
+
+    def client():
+        status, _, raw = request(site, "POST", "/api/chat", body, timeout=120)
+        results.append((status, raw))
+
+    d.lock.acquire()  # the model is busy: every client must queue
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: d.waiting == demo.QUEUE and len(results) == 12 - demo.QUEUE)
+        assert all(s == 503 and "8 requests are waiting" in json.loads(r)["error"] for s, r in results)
+    finally:
+        d.lock.release()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and d.waiting == 0
+    assert all(r.startswith(b": waiting for the model\n\n") for s, r in results if s == 200)  # a comment: skipped
+    answered = [events(r)[-1] for s, r in results if s == 200]
+    assert len(answered) == demo.QUEUE and len({a["text"] for a in answered}) == 1 and answered[0]["done"]
+
+
+def test_a_client_that_leaves_gives_up_its_place_and_its_generation(site):
+    d = site.demo
+    payload = json.dumps({"messages": [user(site.question)]}).encode()
+    head = (f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    with d.lock:  # in the queue, then gone: its place is freed and it never reaches the model
+        s = socket.create_connection(("127.0.0.1", site.port), timeout=30)
+        s.sendall(head + payload)
+        assert s.recv(12) == b"HTTP/1.0 200"
+        wait_for(lambda: d.waiting == 1)
+        s.close()
+        wait_for(lambda: d.waiting == 0)
+    # during the answer: generation stops at the next token once the client is gone
+    job = d.check({"messages": [user(site.question)], "image": b64(Path(site.picture).read_bytes())})
+    full = d.answer(job, lambda piece: None, lambda: True)
+    sent, checks = [], []
+
+    def still_there():  # the client leaves after two tokens
+        checks.append(1)
+        return len(checks) <= 2
+
+    with pytest.raises(demo.ClientGone):
+        d.answer(job, sent.append, still_there)
+    assert len(checks) == 3 < full["tokens"] and len(sent) <= 2
+    assert chat(site, [user(site.question)])[1]["text"]  # and the server goes on
+
+
+def test_command_line_serves_until_ctrl_c(site, tmp_path):
+    assert demo.on_loopback("127.0.0.1") and demo.on_loopback("localhost") and not demo.on_loopback("0.0.0.0")
+    with pytest.raises(sample.UsageError, match=f"cannot serve on 127.0.0.1:{site.port} \\(--port 0 picks a free"):
+        demo.make_server(site.demo, "127.0.0.1", site.port)  # taken
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--run", str(site.run), "--port", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("LaVIN demo of run on http://127.0.0.1:") and "(Ctrl-C stops it)" in line, line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        info = json.loads(request(types.SimpleNamespace(port=port), "GET", "/api/info")[2])
+        assert info["run"] == "run"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out == "stopped\n" and "Traceback" not in err, (out, err)
