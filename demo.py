@@ -30,6 +30,7 @@ import math
 import mimetypes
 import re
 import select
+import signal
 import socket
 import sys
 import threading
@@ -158,8 +159,7 @@ class Demo:
                      "temperature": settings.temperature, "top_p": settings.top_p,
                      "max_seq_len": model.llama.args.max_seq_len,
                      "examples": [{"url": f"/examples/{i}", "prompt": q} for i, (_, q) in enumerate(self.examples)]}
-        self.lock = threading.Lock()  # the model: one generation at a time
-        self.waiting, self.counting = 0, threading.Lock()
+        self.lock, self.waiting, self.counting = threading.Lock(), 0, threading.Lock()  # the model, its queue
 
     def check(self, req) -> Job:
         """The request's fields, checked; the picture decoded; the conversation encoded."""
@@ -473,6 +473,7 @@ if __name__ == "__main__":
     try:
         main(make_config())
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while the process exits: no traceback
         print("\nstopped" if sys.stdout.isatty() else "stopped", flush=True)  # a terminal has echoed ^C: a new line
     except (UsageError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {message(e)}")

@@ -450,7 +450,8 @@ def finish(run: Run, loss: float) -> dict:
     # a ScienceQA-format run's table; a chatbot's {"mme": ..., "alpaca": ...}
     result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(data.EVAL_OF[cfg.dataset])
     if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:
-        print(f"talk to it:  python sample.py --run {out} --image <picture> --chat")
+        print(f"talk to it:  python sample.py --run {out} --image <picture> --chat   (or in a browser: "
+              f"python demo.py --run {out})")
     written = [str(folder / "results.json") for *_, folder in found if run.rank == 0]
     files = [str(out / name) for name in ("log.jsonl", "checkpoint.pth", "adapters.pth")] + written
     run.say(f"wrote {', '.join(files)}")

@@ -73,8 +73,8 @@ def main(argv=None):
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#drop img"))
         ask(driver)
         ask(driver, args.follow_up, answers=2)
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1200, max(900, height))
+        height = driver.execute_script("return document.documentElement.scrollHeight + outerHeight - innerHeight")
+        driver.set_window_size(1200, height)  # the whole page, nothing cut off
         driver.save_screenshot(args.out)
         print(f"wrote {args.out}")
     finally:
