@@ -11,12 +11,9 @@
             <── text/event-stream: data: {"token": "..."} per decoded piece, then
                 data: {"done": true, "text": ..., "routing": {"llama": [[w0, w1]...], "clip": [...]}}
 
-The conversation lives in the page: each request carries it whole, and the server encodes it as
-training did (data.encode_turns: BOS, each past turn prompt + answer + EOS, then the new prompt, in
-the run's template), with the picture after BOS. Routing: each LLaMA block's router weights, read
-off the modality token (LaVIN.routes), and each CLIP block's, averaged over the picture's tokens
-(LaVIN.clip_routing). w0 weighs the up-projection conv_B and w1 conv_D; which of the two paths
-pictures and text-only questions take is what the routers learnt.
+The page keeps the conversation and sends it whole; it is encoded as training did (data.encode_turns).
+Routing: LLaMA's routers read the modality token (LaVIN.routes), CLIP's each token (LaVIN.clip_routing,
+averaged over the picture). w0 weighs up-projection conv_B, w1 conv_D: which path a modality takes is learnt.
 """
 from __future__ import annotations
 
@@ -36,13 +33,16 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import torch
+from PIL import Image
 
 import clip
 import data
@@ -57,9 +57,9 @@ from runtime import UsageError, busy_cores_note, pick_dtype, plain_warnings, set
 from sample import CHOICES, SampleConfig, check_at_least, load_model, message, parse_flags, read_checkpoint, resolve
 
 PAGE = Path(__file__).with_name("demo.html")
-MAX_BODY = 20 * 2 ** 20  # bytes of a request: a picture of up to 15 MB, base64 inflates by 4/3
+MAX_BODY = 20 * 2 ** 20  # bytes of a request: a picture of up to 14 MiB, base64 inflates by 4/3
 QUEUE = 8  # requests that may wait for the model; one more is refused (503)
-FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: a JPEG with a second picture in it, as many phones write
 
 
 @dataclass
@@ -106,22 +106,8 @@ class ClientGone(Exception):
 
 # ----------------------------------------------------------------------------- the model's side
 
-@dataclass
-class Job:
-    """A checked request: what the model needs, nothing left to fail on the user's input."""
-    ids: list  # the conversation's token ids, from BOS
-    image: torch.Tensor | None  # (3, R, R)
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-
-
 def read_picture(raw: bytes, mode: str, resolution: int) -> torch.Tensor:
-    """A JPEG, PNG or WebP file's bytes -> (3, R, R). Pillow's decompression-bomb check refuses
-    pictures of absurd size before they are decoded."""
-    from PIL import Image
-
+    """A JPEG, PNG or WebP file's bytes -> (3, R, R); Pillow's decompression-bomb limit before decoding."""
     try:
         with Image.open(io.BytesIO(raw)) as im:
             kind, (w, h) = im.format, im.size
@@ -141,8 +127,7 @@ def read_picture(raw: bytes, mode: str, resolution: int) -> torch.Tensor:
 
 
 def conversation_ids(tok, template: str, texts: list) -> list:
-    """BOS, each past (question, answer) as training encoded it (prompt + answer, EOS), then the
-    new question's prompt: what the model reads before its next answer."""
+    """BOS, each past (question, answer) as training encoded it (prompt + answer, EOS), then the new prompt."""
     prompt = instruction_prompt if template == "instruction" else (lambda text: text)
     past = list(zip(map(prompt, texts[:-1:2]), texts[1:-1:2]))
     ids = encode_turns(tok, past)[0] if past else []
@@ -155,14 +140,15 @@ class Demo:
     def __init__(self, model: LaVIN, tok, settings: SampleConfig, info: dict, examples: list | None = None):
         self.model, self.tok, self.settings = model, tok, settings
         self.examples = examples or []  # [(path, the question to ask about it)]
-        self.info = {**info, "template": settings.template, "max_new_tokens": settings.max_new_tokens,
-                     "temperature": settings.temperature, "top_p": settings.top_p,
-                     "max_seq_len": model.llama.args.max_seq_len,
+        keys = ("template", "max_new_tokens", "temperature", "top_p")
+        self.info = {**info, **{k: getattr(settings, k) for k in keys}, "max_seq_len": model.llama.args.max_seq_len,
                      "examples": [{"url": f"/examples/{i}", "prompt": q} for i, (_, q) in enumerate(self.examples)]}
-        self.lock, self.waiting, self.counting = threading.Lock(), 0, threading.Lock()  # the model, its queue
+        self.line, self.counting = [], threading.Lock()  # the model's line: its head holds the model
+        self.decoding = threading.BoundedSemaphore(2)  # pictures decoded at once (one can take 300 MB)
 
-    def check(self, req) -> Job:
-        """The request's fields, checked; the picture decoded; the conversation encoded."""
+    def check(self, req) -> SimpleNamespace:
+        """A request's fields checked, its picture decoded (image: (3, R, R) or None), its conversation
+        encoded (ids): what the model needs, with nothing left to fail on the user's input."""
         s = self.settings
         if not isinstance(req, dict):
             raise BadRequest("the body must be a JSON object")
@@ -184,12 +170,12 @@ class Demo:
         numbers = {}
         for name, kind, default, ok, rule in (
                 ("max_new_tokens", int, s.max_new_tokens, lambda v: v >= 1, "an integer of at least 1"),
-                ("temperature", float, s.temperature, lambda v: v >= 0, "a number of at least 0 (0 is greedy)"),
+                ("temperature", float, s.temperature, lambda v: 0 <= v <= 100, "a number from 0 (greedy) to 100"),
                 ("top_p", float, s.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]"),
                 ("seed", int, s.seed, lambda v: 0 <= v < 2 ** 63, "an integer from 0 to 2**63 - 1")):
             v = req.get(name, default)
             number = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and math.isfinite(v))
-            if not number or (kind is int and not float(v).is_integer()) or not ok(v):
+            if not number or (kind is int and isinstance(v, float) and not v.is_integer()) or not ok(v):
                 raise BadRequest(f"'{name}' must be {rule}, got {json.dumps(v)[:40]}")
             numbers[name] = kind(v)
         image = req.get("image")
@@ -206,35 +192,27 @@ class Demo:
         if positions >= self.model.llama.args.max_seq_len:
             raise BadRequest(f"the conversation takes {positions} positions, the model reads "
                              f"{self.model.llama.args.max_seq_len} at most: start a new chat")
-        return Job(ids, image, **numbers)
+        return SimpleNamespace(ids=ids, image=image, **numbers)
 
-    def join(self) -> bool:
-        """A place in the queue for the model, or False when QUEUE requests wait already."""
+    def enter(self) -> threading.Event | None:
+        """A place in line (first come, first served; None if QUEUE wait), set when the model is its own."""
         with self.counting:
-            if self.waiting >= QUEUE:
-                return False
-            self.waiting += 1
-            return True
+            if len(self.line) > QUEUE:
+                return None
+            self.line.append(threading.Event())
+            self.line[0].set()
+            return self.line[-1]
 
-    def wait(self, still_there, waiting) -> bool:
-        """Wait (in the queue joined) until the model is free: True, holding it; False if the
-        client left first. waiting() is called once if the model is busy."""
-        try:
-            if not self.lock.acquire(blocking=False):
-                waiting()
-                while not self.lock.acquire(timeout=0.2):
-                    if not still_there():
-                        return False
-            return True
-        finally:
-            with self.counting:
-                self.waiting -= 1
+    def leave(self, turn: threading.Event):
+        with self.counting:
+            self.line.remove(turn)
+            if self.line:
+                self.line[0].set()
 
     @torch.inference_mode()
-    def answer(self, job: Job, send, still_there) -> dict:
-        """Generate (holding the model): each decoded piece goes to send(str) as it comes, and
-        generation stops (ClientGone) once still_there() says the client left. Returns the
-        done event's fields."""
+    def answer(self, job: SimpleNamespace, send, still_there) -> dict:
+        """Generate (holding the model): each decoded piece to send(str) as it comes; stops (ClientGone)
+        once still_there() says the client left. Returns the done event's fields."""
         model, device = self.model, self.model.llama.tok_embeddings.weight.device
         ind = torch.tensor([IMAGE if job.image is not None else TEXT], device=device)
         stream = Stream(self.tok, send)
@@ -262,8 +240,7 @@ class Demo:
 
 
 def example_pictures(run: str, tok, model: LaVIN, n: int, template: str) -> tuple[list, str]:
-    """([(picture path, its question)] from the run's test split (up to n distinct pictures), a
-    note when there are none)."""
+    """([(picture path, its question)] of up to n pictures of the run's test split, a note if none)."""
     if not run or n == 0:
         return [], ""
     try:
@@ -309,6 +286,7 @@ def page_and_policy() -> tuple[bytes, str]:
     """The page and its Content-Security-Policy: only its own script runs (by hash), and it reaches only here."""
     page = PAGE.read_bytes()
     scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
+    scripts = [s.replace(b"\r\n", b"\n").replace(b"\r", b"\n") for s in scripts]  # as a browser reads them
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'" for s in scripts)
     policy = (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
               f"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -316,9 +294,8 @@ def page_and_policy() -> tuple[bytes, str]:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET / (the page), GET /api/info, GET /examples/N, POST /api/chat; anything else is a 404.
-    No request path is ever joined to a folder: the files served are the page and the example
-    pictures, chosen by number from a list made at start-up."""
+    """GET / (the page), /api/info, /examples/N; POST /api/chat; anything else is a 404. No request path
+    is joined to a folder: the files served are the page and the examples, by number in a fixed list."""
 
     server_version = "LaVIN-demo"
     timeout = 60  # seconds a client may stall mid-request before its thread is freed
@@ -350,7 +327,18 @@ class Handler(BaseHTTPRequestHandler):
             self.log(f'"{self.requestline[:200]}" {int(code)}')
 
     def log(self, text: str):
+        text = re.sub(r"[\x00-\x1f\x7f]", "?", text)  # a request line may carry terminal escapes
         print(f"{time.strftime('%H:%M:%S')} {self.client_address[0]} {text}", file=sys.stderr, flush=True)
+
+    def parse_request(self) -> bool:
+        """The standard checks; on loopback, loopback names only (a page rebinding its DNS name gets a 403)."""
+        if not super().parse_request():
+            return False
+        name = re.sub(r":[0-9]*$", "", self.headers.get("Host", "localhost")).strip("[]")
+        if self.server.loopback and name != "localhost" and not is_loopback(name):
+            self.send_json(403, {"error": f"this server answers to localhost only, not to {name[:100]!r}"})
+            return False
+        return True
 
     def not_found(self):
         self.send_json(404, {"error": "not found: this server serves the page, /api/info, /api/chat and examples only"})
@@ -364,10 +352,9 @@ class Handler(BaseHTTPRequestHandler):
         elif (m := re.fullmatch(r"/examples/([0-9]{1,4})", path)) and int(m[1]) < len(self.demo.examples):
             file = self.demo.examples[int(m[1])][0]
             try:
-                body = Path(file).read_bytes()
-            except OSError:
-                return self.send_json(410, {"error": "this example picture is gone from the disk"})
-            self.send_body(200, body, mimetypes.guess_type(file)[0] or "application/octet-stream")
+                self.send_body(200, Path(file).read_bytes(), mimetypes.guess_type(file)[0] or "image/jpeg")
+            except FileNotFoundError:
+                self.send_json(410, {"error": "this example picture is gone from the disk"})
         else:
             self.not_found()
 
@@ -393,40 +380,51 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "")
         if not length.isascii() or not length.isdigit():
             return self.send_json(411, {"error": "send the request with a Content-Length"})
-        if int(length) > MAX_BODY:  # refused before a byte of it is read
-            self.close_connection = True
-            return self.send_json(413, {"error": f"the request is {int(length) / 2 ** 20:.1f} MB, more than the "
-                                                 f"{MAX_BODY // 2 ** 20} MB allowed: send a smaller picture"})
+        if len(length) > 9 or int(length) > MAX_BODY:  # refused before a byte of it is read
+            self.send_json(413, {"error": f"the request is over {MAX_BODY // 2 ** 20} MiB: send a smaller picture"})
+            return self.discard()
         if self.headers.get_content_type() != "application/json":  # and so no cross-site form can post here
             return self.send_json(415, {"error": "send the request as application/json"})
         try:
-            job = self.demo.check(json.loads(self.rfile.read(int(length))))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            req = json.loads(self.rfile.read(int(length)))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep, a number too long
             return self.send_json(400, {"error": "the request body is not valid JSON"})
+        try:
+            with self.demo.decoding:
+                job = self.demo.check(req)
         except BadRequest as e:
             return self.send_json(400, {"error": str(e)})
-        if not self.demo.join():
-            return self.send_json(503, {"error": f"the model is busy: {QUEUE} requests are waiting already; try "
-                                                 f"again in a moment"})
-        self.send_head(200, "text/event-stream; charset=utf-8")
-        self.close_connection = True  # the stream ends with the connection
+        turn = self.demo.enter()
+        if turn is None:
+            return self.send_json(503, {"error": f"the model is busy: {QUEUE} requests wait already; try again soon"})
         try:
-            if not self.demo.wait(self.still_there, lambda: self.event(None)):
-                return self.log("left while waiting for the model")
-            try:
-                done = self.demo.answer(job, lambda piece: self.event({"token": piece}), self.still_there)
-            finally:
-                self.demo.lock.release()
+            self.send_head(200, "text/event-stream; charset=utf-8")
+            self.close_connection = True  # the stream ends with the connection
+            if not turn.is_set():
+                self.event(None)
+            while not turn.wait(0.2):
+                if not self.still_there():
+                    return self.log("left while waiting for the model")
+            done = self.demo.answer(job, lambda piece: self.event({"token": piece}), self.still_there)
             self.event({"done": True, **done})
             self.log(f"answered: {done['tokens']} tokens after {done['positions']} positions in {done['seconds']} s")
-        except ClientGone:
-            self.log("left during the answer: generation stopped")
+        except (ClientGone, OSError):
+            self.log("left: its answer stopped")
         except Exception as e:  # the model failed: the client hears it, the log has the traceback
             traceback.print_exc()
-            try:
+            with suppress(ClientGone):
                 self.event({"error": f"the model failed: {type(e).__name__}: {message(e)}"})
-            except ClientGone:
-                pass
+        finally:
+            self.demo.leave(turn)
+
+    def discard(self):
+        """Drop what a refused client still sends (64 MiB, 1 s idle at most): it reads the refusal, not a reset."""
+        self.close_connection = True
+        self.connection.settimeout(1)
+        with suppress(OSError):
+            for _ in range(1024):
+                if not self.rfile.read1(1 << 16):
+                    break
 
 
 class Server(ThreadingHTTPServer):
@@ -435,6 +433,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, handler):
         self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6
         super().__init__(address, handler)
+        self.loopback = is_loopback(self.server_address[0])
 
 
 def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 0) -> Server:
@@ -446,10 +445,11 @@ def make_server(demo: Demo, host: str = "127.0.0.1", port: int = 0) -> Server:
         raise UsageError(f"cannot serve on {host}:{port}{free}: {e.strerror or e}") from e
 
 
-def on_loopback(host: str) -> bool:
+def is_loopback(address: str) -> bool:
+    """Whether an IP address (not a name: that would ask the DNS) is a loopback one."""
     try:
-        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
         return False
 
 
@@ -457,11 +457,11 @@ def main(cfg: DemoConfig):
     demo = load(cfg)
     server = make_server(demo, cfg.host, cfg.port)
     port = server.server_address[1]
-    if not on_loopback(cfg.host):
+    if not server.loopback:
         print(f"warning: --host {cfg.host}: anyone who can reach this machine's port {port} can use the model and "
               f"read its answers; there is no login", file=sys.stderr)
-    shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"LaVIN demo of {demo.info['run']} on http://{shown}:{port}  (Ctrl-C stops it)", flush=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address in a URL
+    print(f"LaVIN demo of {demo.info['run']} on http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -72,6 +72,16 @@ def test_streamed_answer_is_sample_pys_greedy_answer(site):
         assert done["text"] == expected and done["tokens"] >= 2
 
 
+def test_jpeg_png_webp_and_a_phones_jpeg_with_two_pictures_are_read(site):
+    im = Image.open(site.picture).convert("RGB")
+    for fmt, extra in (("JPEG", {}), ("PNG", {}), ("WEBP", {}), ("MPO", {"save_all": True, "append_images": [im]})):
+        buf = io.BytesIO()
+        im.save(buf, fmt, **extra)
+        assert Image.open(io.BytesIO(buf.getvalue())).format == fmt
+        status, _, raw = request(site, "POST", "/api/chat", {"image": b64(buf.getvalue()), "messages": [user("a")]})
+        assert status == 200 and events(raw)[-1]["done"], (fmt, raw)
+
+
 def test_follow_up_reads_the_conversation_as_training_wrote_it(site):
     _, first = chat(site, [user(site.question)], site.picture)
     follow = "What is in the picture?"
@@ -209,13 +219,18 @@ BAD_CHATS = [  # (body, status, a piece of the message)
     ({"messages": [user("a")], "max_new_tokens": 0}, 400, "'max_new_tokens' must be an integer of at least 1"),
     ({"messages": [user("a")], "max_new_tokens": "5"}, 400, "'max_new_tokens' must be"),
     ({"messages": [user("a")], "max_new_tokens": True}, 400, "'max_new_tokens' must be"),
-    ({"messages": [user("a")], "temperature": -1}, 400, "'temperature' must be a number of at least 0"),
+    ({"messages": [user("a")], "temperature": -1}, 400, "'temperature' must be a number from 0 (greedy) to 100"),
+    ({"messages": [user("a")], "temperature": 10 ** 400}, 400, "'temperature' must be"),
+    ({"messages": [user("a")], "max_new_tokens": 10 ** 400, "seed": 10 ** 400}, 400, "'seed' must be"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),  # nested too deep
+    (b'{"seed": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),  # a number too long
     ({"messages": [user("a")], "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
     ({"messages": [user("a")], "seed": 2 ** 64}, 400, "'seed' must be"),
     ({"messages": [user("a")], "image": 5}, 400, "'image' must be"),
     ({"messages": [user("a")], "image": "not base64!"}, 400, "not valid base64"),
     ({"messages": [user("a")], "image": b64(b"plain text, no picture")}, 400, "not a picture"),
     ({"messages": [user("a")], "image": b64(picture_bytes("GIF"))}, 400, "a GIF file: send a JPEG, PNG or WebP"),
+    ({"messages": [user("a")], "image": b64(picture_bytes("BMP"))}, 400, "a BMP file"),
     ({"messages": [user("a")], "image": b64(picture_bytes("PNG")[:60])}, 400, "the picture is damaged"),
     ({"messages": [user("a")], "image": b64(png_header(10_000, 10_000))}, 400, "decompression-bomb limit"),
     ({"messages": [user("a")], "image": b64(png_header(20_000, 20_000))}, 400, "too large to open safely"),
@@ -231,6 +246,7 @@ def test_bad_requests_get_their_status_and_a_sentence_and_the_server_goes_on(sit
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         got, kind, answer = request(site, "POST", "/api/chat", raw, {"Content-Type": "application/json"})
         assert (got, kind) == (status, "application/json") and text in json.loads(answer)["error"], (body, answer)
+    assert chat(site, [user("a")], max_new_tokens=10 ** 400)[1]["text"]  # as many as the context holds
     for path in BAD_PATHS:
         got, kind, answer = request(site, "GET", path)
         assert (got, kind) == (404, "application/json") and b"root:" not in answer, path
@@ -238,10 +254,19 @@ def test_bad_requests_get_their_status_and_a_sentence_and_the_server_goes_on(sit
     assert request(site, "POST", "/api/elsewhere", {"messages": [user("a")]})[0] == 404
     assert request(site, "PUT", "/api/chat", {"messages": [user("a")]})[0] == 501
     # a body over 20 MB is refused from its header alone: none of it is sent
-    big = b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20971521\r\n\r\n"
+    big = b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 20971521\r\n\r\n"
     head, _, answer = raw_exchange(site, big).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 413") and "20 MB" in json.loads(answer)["error"]
-    head, _, answer = raw_exchange(site, b"POST /api/chat HTTP/1.1\r\nHost: x\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 413") and "20 MiB" in json.loads(answer)["error"]
+    head, _, answer = raw_exchange(site, big.replace(b"20971521", b"9" * 5000)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 413")
+    # a client that sends the whole body before it reads (http.client) still reads the 413, not a reset
+    status, _, answer = request(site, "POST", "/api/chat", b"x" * (demo.MAX_BODY + 1), {"Content-Type": "application/json"})
+    assert status == 413 and "20 MiB" in json.loads(answer)["error"]
+    for host in ("evil.example", "evil.example:7860", "10.0.0.1"):  # DNS rebinding: a loopback server's own names only
+        status, _, answer = request(site, "GET", "/api/info", headers={"Host": host})
+        assert status == 403 and "localhost only" in json.loads(answer)["error"]
+    assert request(site, "GET", "/api/info", headers={"Host": f"localhost:{site.port}"})[0] == 200
+    head, _, answer = raw_exchange(site, b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n").partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 411") and "Content-Length" in json.loads(answer)["error"]
     head, _, answer = raw_exchange(site, b"GET /a b HTTP/1.1\r\n\r\n").partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 400") and "Bad request syntax" in json.loads(answer)["error"]
@@ -256,6 +281,26 @@ def wait_for(condition, seconds=20.0):
         time.sleep(0.02)
 
 
+def waiting(d) -> int:
+    """Requests in line behind the one that holds the model."""
+    return max(len(d.line) - 1, 0)
+
+
+def test_the_line_is_first_come_first_served():
+    d = demo.Demo.__new__(demo.Demo)  # the line alone, no model
+    d.line, d.counting = [], threading.Lock()
+    first, second, third = d.enter(), d.enter(), d.enter()
+    assert [e.is_set() for e in (first, second, third)] == [True, False, False]
+    d.leave(first)
+    late = d.enter()  # a newcomer does not overtake those waiting
+    assert [e.is_set() for e in (second, third, late)] == [True, False, False]
+    d.leave(third)  # gone while waiting: the one at the head keeps the model
+    assert second.is_set() and not late.is_set()
+    d.leave(second)
+    assert late.is_set() and d.line == [late]
+    assert [d.enter() is None for _ in range(demo.QUEUE + 1)] == [False] * demo.QUEUE + [True]
+
+
 def test_twelve_clients_eight_wait_four_are_turned_away_none_hangs(site):
     d, results = site.demo, []
     body = {"image": b64(Path(site.picture).read_bytes()), "messages": [user(site.question)]}
@@ -264,44 +309,94 @@ def test_twelve_clients_eight_wait_four_are_turned_away_none_hangs(site):
         status, _, raw = request(site, "POST", "/api/chat", body, timeout=120)
         results.append((status, raw))
 
-    d.lock.acquire()  # the model is busy: every client must queue
+    held = d.enter()  # the model is busy: every client must queue
     threads = [threading.Thread(target=client) for _ in range(12)]
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: d.waiting == demo.QUEUE and len(results) == 12 - demo.QUEUE)
-        assert all(s == 503 and "8 requests are waiting" in json.loads(r)["error"] for s, r in results)
+        wait_for(lambda: waiting(d) == demo.QUEUE and len(results) == 12 - demo.QUEUE)
+        assert all(s == 503 and "8 requests wait already" in json.loads(r)["error"] for s, r in results)
     finally:
-        d.lock.release()
+        d.leave(held)
     for t in threads:
         t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads) and d.waiting == 0
+    assert not any(t.is_alive() for t in threads) and d.line == []
     assert all(r.startswith(b": waiting for the model\n\n") for s, r in results if s == 200)  # a comment: skipped
     answered = [events(r)[-1] for s, r in results if s == 200]
     assert len(answered) == demo.QUEUE and len({a["text"] for a in answered}) == 1 and answered[0]["done"]
 
 
+class Paced(demo.Demo):
+    """The real model, its pieces sent 0.1 s apart (the tiny model answers in milliseconds), each
+    one also kept in `sent`."""
+
+    def answer(self, job, send, still_there):
+        self.sent = []
+        return super().answer(job, lambda piece: (time.sleep(0.1), self.sent.append(piece), send(piece)), still_there)
+
+
+def serve(kind, d: demo.Demo):
+    """Another server over the same model, with a Demo of another kind."""
+    keys = ("run", "bits", "dataset", "device", "router")
+    other = kind(d.model, d.tok, d.settings, {k: d.info[k] for k in keys}, d.examples)
+    server = demo.make_server(other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, other
+
+
+def raw_chat(port, body: dict, linger=False) -> socket.socket:
+    """A connection that has sent a chat request; linger: a close then resets it (RST)."""
+    payload = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if linger:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return s
+
+
 def test_a_client_that_leaves_gives_up_its_place_and_its_generation(site):
     d = site.demo
-    payload = json.dumps({"messages": [user(site.question)]}).encode()
-    head = (f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
-    with d.lock:  # in the queue, then gone: its place is freed and it never reaches the model
-        s = socket.create_connection(("127.0.0.1", site.port), timeout=30)
-        s.sendall(head + payload)
+    held = d.enter()  # in the line, then gone: its place is freed and it never reaches the model
+    try:
+        s = raw_chat(site.port, {"messages": [user(site.question)]})
         assert s.recv(12) == b"HTTP/1.0 200"
-        wait_for(lambda: d.waiting == 1)
+        wait_for(lambda: waiting(d) == 1)
         s.close()
-        wait_for(lambda: d.waiting == 0)
-    # during the answer: generation stops at the next token once the client is gone
-    job = d.check({"messages": [user(site.question)], "image": b64(Path(site.picture).read_bytes())})
-    full = d.answer(job, lambda piece: None, lambda: True)
+        wait_for(lambda: waiting(d) == 0)
+        # reset while its request is being checked: the place it then takes is given back too
+        for _ in range(2):
+            d.decoding.acquire()  # every check waits
+        try:
+            s = raw_chat(site.port, {"messages": [user("a")]}, linger=True)
+            time.sleep(0.5)  # the server has read the request and waits to check it
+            s.close()
+        finally:
+            d.decoding.release(2)
+        time.sleep(0.5)
+        wait_for(lambda: waiting(d) == 0)
+    finally:
+        d.leave(held)
+    # during the answer: over a real connection, generation stops at the next token
+    server, paced = serve(Paced, d)
+    try:
+        _, full = chat(types.SimpleNamespace(port=server.server_address[1]), [user(site.question)], site.picture)
+        s = raw_chat(server.server_address[1], {"messages": [user(site.question)],
+                                                "image": b64(Path(site.picture).read_bytes())})
+        assert b'data: {"token"' in s.recv(4096) + s.recv(4096)
+        s.close()
+        wait_for(lambda: paced.line == [])
+        assert 1 <= len(paced.sent) <= 2 < full["tokens"]
+    finally:
+        server.shutdown()
+        server.server_close()
     sent, checks = [], []
 
-    def still_there():  # the client leaves after two tokens
+    def still_there():  # and called directly: the client leaves after two tokens
         checks.append(1)
         return len(checks) <= 2
 
+    job = d.check({"messages": [user(site.question)], "image": b64(Path(site.picture).read_bytes())})
     with pytest.raises(demo.ClientGone):
         d.answer(job, sent.append, still_there)
     assert len(checks) == 3 < full["tokens"] and len(sent) <= 2
@@ -309,7 +404,8 @@ def test_a_client_that_leaves_gives_up_its_place_and_its_generation(site):
 
 
 def test_command_line_serves_until_ctrl_c(site, tmp_path):
-    assert demo.on_loopback("127.0.0.1") and demo.on_loopback("localhost") and not demo.on_loopback("0.0.0.0")
+    assert demo.is_loopback("127.0.0.1") and demo.is_loopback("::1") and not demo.is_loopback("0.0.0.0")
+    assert not demo.is_loopback("localhost")  # a name: it is not looked up
     with pytest.raises(sample.UsageError, match=f"cannot serve on 127.0.0.1:{site.port} \\(--port 0 picks a free"):
         demo.make_server(site.demo, "127.0.0.1", site.port)  # taken
     proc = subprocess.Popen([sys.executable, str(ROOT / "demo.py"), "--run", str(site.run), "--port", "0"],
@@ -325,3 +421,18 @@ def test_command_line_serves_until_ctrl_c(site, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and out == "stopped\n" and "Traceback" not in err, (out, err)
+
+
+def test_flags_are_checked_before_anything_loads(tmp_path):
+    cfg = demo.make_config(["--run", "out/x", "--port", "0", "--temperature", "0.7", "--examples", "2"])
+    assert (cfg.run, cfg.port, cfg.temperature, cfg.examples, cfg.host, cfg.max_new_tokens) == \
+        ("out/x", 0, 0.7, 2, "127.0.0.1", sample.SampleConfig.max_new_tokens)
+    for flags, text in ((["--port", "70000"], "--port must be at most 65535"), (["--port", "-1"], "--port must be"),
+                        (["--temperature", "-1"], "--temperature must be at least 0"),
+                        (["--top_p", "0"], "--top_p must be in"), (["--max_new_tokens", "0"], "--max_new_tokens")):
+        with pytest.raises(sample.UsageError, match=text):
+            demo.make_config(flags)
+    with pytest.raises(sample.UsageError, match=f"--run {tmp_path}: no adapters.pth there"):
+        demo.load(demo.make_config(["--run", str(tmp_path)]))
+    with pytest.raises(sample.UsageError, match="give --llama_path and --clip_path, or --run"):
+        demo.load(demo.make_config([]))

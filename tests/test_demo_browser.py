@@ -1,28 +1,19 @@
 """demo.html in a real browser: headless Chromium (Debian's chromium and chromium-driver) driven by
 selenium through the page as a person uses it, against demo.py's server over the tiny chat run of
 test_demo.py. Skipped, saying how to install them, where there is no browser (.ci/run installs one)."""
-import threading
 import time
 
 import pytest
 
 import demo
 from docs.screenshot import INSTALL, ask, find_chromium, start_chromium
-from tests.test_demo import chat, user
+from tests.test_demo import Paced, chat, serve, user  # Paced: the real model, slow enough to watch it stream
 
 try:
     import selenium  # noqa: F401
 except ImportError:
     selenium = None
 pytestmark = pytest.mark.skipif(find_chromium() is None or selenium is None, reason=f"no headless browser: {INSTALL}")
-
-
-class Paced(demo.Demo):
-    """The real model, its pieces sent 40 ms apart: the tiny model answers in milliseconds, too
-    fast to see the page show an answer growing."""
-
-    def answer(self, job, send, still_there):
-        return super().answer(job, lambda piece: (time.sleep(0.04), send(piece)), still_there)
 
 
 class Markup(demo.Demo):
@@ -36,11 +27,8 @@ class Markup(demo.Demo):
                 "seconds": 0.0}
 
 
-def serve(kind, d: demo.Demo):
-    keys = ("run", "bits", "dataset", "device", "router")
-    server = demo.make_server(kind(d.model, d.tok, d.settings, {k: d.info[k] for k in keys}, d.examples))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+def url(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +47,7 @@ def by_css(driver, selector):
 def until(driver, condition, seconds=60):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, seconds).until(lambda d: condition())
+    return WebDriverWait(driver, seconds, poll_frequency=0.01).until(lambda d: condition())
 
 
 WATCH = """window.seen = [];  // the last answer's text at every change the page makes to it
@@ -71,11 +59,11 @@ new MutationObserver(() => { const a = document.querySelectorAll('.answer'); if 
 def test_a_conversation_in_the_page(site, browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
-    server, url = serve(Paced, site.demo)
+    server, paced = serve(Paced, site.demo)
     d = browser
     try:
         d.set_window_size(1200, 900)
-        d.get(url)
+        d.get(url(server))
         until(d, lambda: len(by_css(d, "#examples img")) == 4 and "shapes-chat" in by_css(d, "#info")[0].text)
         by_css(d, "#examples img")[0].click()  # an example: its picture and its question
         until(d, lambda: by_css(d, "#drop img") and by_css(d, "#prompt")[0].get_property("value") == site.question)
@@ -103,8 +91,24 @@ def test_a_conversation_in_the_page(site, browser, tmp_path):
         d.save_screenshot(str(tmp_path / "page.png"))
         d.set_window_size(390, 800)  # a phone's width: the columns stack, nothing sticks out sideways
         assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        # "New chat" while an answer streams: the answer is cancelled (the server stops it), not remembered
+        d.execute_script("""window.sent = []; const fetch0 = window.fetch;  // the bodies the page posts
+window.fetch = (url, options) => { if (options && options.body) window.sent.push(JSON.parse(options.body));
+  return fetch0(url, options); };""")
+        by_css(d, "#prompt")[0].send_keys("Is it blue?", Keys.ENTER)
+        until(d, lambda: len(paced.sent) >= 1)
         by_css(d, "#new-chat")[0].click()
         assert by_css(d, "#log > *") == [] and by_css(d, "#drop img")  # the picture stays for the next chat
+        until(d, lambda: paced.line == [])
+        stopped = len(paced.sent)
+        ask(d, "Is it red?")
+        assert [m["content"] for m in d.execute_script("return window.sent")[-1]["messages"]] == ["Is it red?"]
+        _, fresh = chat(site, [user("Is it red?")], site.picture)
+        assert by_css(d, ".answer")[0].text == fresh["text"]
+        _, whole = chat(site, [user(site.question), {"role": "assistant", "content": done["text"]}, user(follow),
+                               {"role": "assistant", "content": again["text"]}, user("Is it blue?")], site.picture)
+        assert stopped < whole["tokens"]  # the cancelled answer was cut short
+        by_css(d, "#new-chat")[0].click()
         by_css(d, "#no-picture")[0].click()
         ask(d, "Which shape has three sides?")
         _, text_only = chat(site, [user("Which shape has three sides?")])
@@ -126,11 +130,11 @@ def test_a_conversation_in_the_page(site, browser, tmp_path):
 def test_html_in_answers_and_questions_is_shown_as_text(site, browser):
     from selenium.common.exceptions import NoAlertPresentException
 
-    server, url = serve(Markup, site.demo)
+    server, _ = serve(Markup, site.demo)
     d = browser
     try:
         d.set_window_size(1200, 900)
-        d.get(url)
+        d.get(url(server))
         until(d, lambda: by_css(d, "#examples img"))
         d.execute_script("""window.made = 0;  // elements ever made inside a bubble, while streaming too
 new MutationObserver((records) => { for (const r of records) { if (r.target.closest && r.target.closest('.bubble'))
