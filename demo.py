@@ -276,7 +276,7 @@ def load(cfg: DemoConfig) -> Demo:
     name = Path(cfg.run).name if cfg.run else (Path(settings.adapters).name if settings.adapters else "untrained")
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     info = {"run": name, "bits": bits_of(model.llama), "dataset": trained.get("dataset", ""),
-            "device": f"{device}{gpu}", "router": model.args.router}
+            "device": f"{device}{gpu}", "router": model.args.router, "visual": model.args.visual}
     return Demo(model, tok, settings, info, examples)
 
 

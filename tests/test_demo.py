@@ -165,8 +165,9 @@ def test_info_page_and_example_pictures(site):
     status, kind, raw = request(site, "GET", "/api/info")
     info = json.loads(raw)
     assert (status, kind) == (200, "application/json")
-    assert {k: info[k] for k in ("run", "bits", "dataset", "device", "template")} == \
-        {"run": "run", "bits": 16, "dataset": "shapes-chat", "device": "cpu", "template": "instruction"}
+    assert {k: info[k] for k in ("run", "bits", "dataset", "device", "template", "router", "visual")} == \
+        {"run": "run", "bits": 16, "dataset": "shapes-chat", "device": "cpu", "template": "instruction", "router": True,
+         "visual": True}
     assert len(info["examples"]) == 4 and info["examples"][0]["prompt"] == site.question
     assert "/mme/" in site.picture and site.question.endswith("Please answer yes or no.")  # MME: the run's test
     status, kind, raw = request(site, "GET", info["examples"][0]["url"])
@@ -337,7 +338,7 @@ class Paced(demo.Demo):
 
 def serve(kind, d: demo.Demo):
     """Another server over the same model, with a Demo of another kind."""
-    keys = ("run", "bits", "dataset", "device", "router")
+    keys = ("run", "bits", "dataset", "device", "router", "visual")
     other = kind(d.model, d.tok, d.settings, {k: d.info[k] for k in keys}, d.examples)
     server = demo.make_server(other)
     threading.Thread(target=server.serve_forever, daemon=True).start()
