@@ -384,10 +384,12 @@ def test_a_client_that_leaves_gives_up_its_place_and_its_generation(site):
         _, full = chat(types.SimpleNamespace(port=server.server_address[1]), [user(site.question)], site.picture)
         s = raw_chat(server.server_address[1], {"messages": [user(site.question)],
                                                 "image": b64(Path(site.picture).read_bytes())})
-        assert b'data: {"token"' in s.recv(4096) + s.recv(4096)
+        got = b""
+        while b'data: {"token"' not in got:  # the first piece, then gone
+            got += s.recv(4096)
         s.close()
         wait_for(lambda: paced.line == [])
-        assert 1 <= len(paced.sent) <= 2 < full["tokens"]
+        assert 1 <= len(paced.sent) <= 3 < full["tokens"]  # what was on its way when it left, no more
     finally:
         server.shutdown()
         server.server_close()
