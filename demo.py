@@ -47,14 +47,14 @@ from PIL import Image
 import clip
 import data
 from data.batching import encode_turns
-from data.instruct import instruction_prompt
 from data.scienceqa import DataError
 from generate import Stream, generate
 from lavin import LaVIN
 from quant import bits_of
 from router import IMAGE, TEXT
 from runtime import UsageError, busy_cores_note, pick_dtype, plain_warnings, setup_distributed
-from sample import CHOICES, SampleConfig, check_at_least, load_model, message, parse_flags, read_checkpoint, resolve
+from sample import (CHOICES, SampleConfig, check_at_least, load_model, message, parse_flags, read_checkpoint, resolve,
+                    templated)
 
 PAGE = Path(__file__).with_name("demo.html")
 MAX_BODY = 20 * 2 ** 20  # bytes of a request: a picture of up to 14 MiB, base64 inflates by 4/3
@@ -128,7 +128,7 @@ def read_picture(raw: bytes, mode: str, resolution: int) -> torch.Tensor:
 
 def conversation_ids(tok, template: str, texts: list) -> list:
     """BOS, each past (question, answer) as training encoded it (prompt + answer, EOS), then the new prompt."""
-    prompt = instruction_prompt if template == "instruction" else (lambda text: text)
+    prompt = partial(templated, template)
     past = list(zip(map(prompt, texts[:-1:2]), texts[1:-1:2]))
     ids = encode_turns(tok, past)[0] if past else []
     return ids + tok.encode(prompt(texts[-1]), bos=not past, eos=False)
@@ -148,7 +148,7 @@ class Demo:
 
     def check(self, req) -> SimpleNamespace:
         """A request's fields checked, its picture decoded (image: (3, R, R) or None), its conversation
-        encoded (ids): what the model needs, with nothing left to fail on the user's input."""
+        encoded (ids, taking `positions`): what the model needs, with nothing left to fail on the user's input."""
         s = self.settings
         if not isinstance(req, dict):
             raise BadRequest("the body must be a JSON object")
@@ -192,7 +192,7 @@ class Demo:
         if positions >= self.model.llama.args.max_seq_len:
             raise BadRequest(f"the conversation takes {positions} positions, the model reads "
                              f"{self.model.llama.args.max_seq_len} at most: start a new chat")
-        return SimpleNamespace(ids=ids, image=image, **numbers)
+        return SimpleNamespace(ids=ids, image=image, positions=positions, **numbers)
 
     def enter(self) -> threading.Event | None:
         """A place in line (first come, first served; None if QUEUE wait), set when the model is its own."""
@@ -222,8 +222,7 @@ class Demo:
                 raise ClientGone
             stream(row, ids)
 
-        room = model.llama.args.max_seq_len - len(job.ids) - int(model.inserted(ind))
-        g = torch.Generator(device).manual_seed(job.seed)
+        g, room = torch.Generator(device).manual_seed(job.seed), model.llama.args.max_seq_len - job.positions
         t0 = time.perf_counter()
         with model.clip_routing() as seen:
             out = generate(model, self.tok, [job.ids], None if job.image is None else job.image[None].to(device), ind,
@@ -236,7 +235,7 @@ class Demo:
         if any(w is not None for _, w in routes):  # the "block" variant: adapters before the FFN too
             routing["llama_mlp"] = [w[0, 0].tolist() for _, w in routes]
         return {"text": self.tok.decode(out[0]), "routing": routing, "tokens": len(out[0]),
-                "positions": len(job.ids) + int(model.inserted(ind)), "seconds": round(seconds, 3)}
+                "positions": job.positions, "seconds": round(seconds, 3)}
 
 
 def example_pictures(run: str, tok, model: LaVIN, n: int, template: str) -> tuple[list, str]:
@@ -268,8 +267,9 @@ def load(cfg: DemoConfig) -> Demo:
     if note := busy_cores_note(device, settings.threads):
         print(f"note: {note}", file=sys.stderr)
     torch.manual_seed(settings.seed)
-    model, tok = load_model(settings, device, pick_dtype(settings.precision, device))
-    trained = read_checkpoint(settings.adapters).get("config") or {} if settings.adapters else {}
+    ckpt = read_checkpoint(settings.adapters) if settings.adapters else {}  # read once, for the model and its run
+    model, tok = load_model(settings, device, pick_dtype(settings.precision, device), ckpt or None)
+    trained = ckpt.get("config") or {}
     examples, note = example_pictures(cfg.run, tok, model, cfg.examples, settings.template)
     if note:
         print(f"note: {note}", file=sys.stderr)

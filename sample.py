@@ -187,8 +187,9 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
     return cfg, mode
 
 
-def load_model(cfg: SampleConfig, device, dtype):
-    ckpt = read_checkpoint(cfg.adapters) if cfg.adapters else None
+def load_model(cfg: SampleConfig, device, dtype, ckpt: dict | None = None):
+    """(model, tokenizer); ckpt: cfg.adapters' dict if the caller has read it already."""
+    ckpt = read_checkpoint(cfg.adapters) if cfg.adapters and ckpt is None else ckpt
     try:
         model, tok = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(ckpt), dtype=dtype, device=device,
                                 max_seq_len=cfg.max_seq_len, bits=cfg.bits)
@@ -214,6 +215,11 @@ def read_image(path: str, model: LaVIN, mode: str) -> torch.Tensor:
         raise UsageError(f"no image at {path}") from e
     except (OSError, ValueError) as e:
         raise UsageError(message(e)) from e
+
+
+def templated(template: str, text: str) -> str:
+    """A user's text as the model reads it: as typed (raw) or in the instruction template."""
+    return text if template == "raw" else instruction_prompt(text)
 
 
 def typed_lines(read=input):
@@ -246,7 +252,7 @@ def converse(model: LaVIN, tok, cfg: SampleConfig, image, turns, prefix: str = "
     pending, answers = [], []  # pending: sampled but not yet fed (the last answer token, EOS)
     for text in turns:
         text = text.replace("\\n", "\n")
-        prompt = text if cfg.template == "raw" else instruction_prompt(text)
+        prompt = templated(cfg.template, text)
         if cache is None:  # the first turn carries BOS and the image
             ids = tok.encode(prompt, bos=True, eos=False)
             x, _, _ = prefill_embeddings(model, [ids], None if image is None else image[None], ind)

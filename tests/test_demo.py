@@ -338,8 +338,7 @@ class Paced(demo.Demo):
 
 def serve(kind, d: demo.Demo):
     """Another server over the same model, with a Demo of another kind."""
-    keys = ("run", "bits", "dataset", "device", "router", "visual")
-    other = kind(d.model, d.tok, d.settings, {k: d.info[k] for k in keys}, d.examples)
+    other = kind(d.model, d.tok, d.settings, d.info, d.examples)
     server = demo.make_server(other)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, other
