@@ -20,7 +20,25 @@ import torch
 import torch.nn as nn
 
 from model import check_state
-from router import Router, adapter_input
+from router import Router
+
+
+def adapter_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x as an adapter or its router reads it. Under autocast x stays as it is (autocast gives each
+    matmul its dtype, so a cast here would be a wasted kernel each call); outside it, a
+    half-precision backbone meets the fp32 adapters, which then compute in fp32."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """x (..., in) times the block-diagonal matrix whose diagonal blocks are weight (out, in/groups)'s
+    `groups` slices: (..., out). One matmul per group, all in one batched matmul: the kernel an
+    einsum would end in, without the dozen view and copy ops it adds around it each way (on a GPU
+    each op is a kernel launch, and launches dominated the eager step)."""
+    n_in = x.shape[-1] // groups
+    xg = x.reshape(-1, groups, n_in).transpose(0, 1)  # (g, N, in/g)
+    w = weight.view(groups, -1, n_in).transpose(1, 2)  # (g, in/g, out/g)
+    return torch.bmm(xg, w).transpose(0, 1).reshape(*x.shape[:-1], -1)  # (g, N, out/g) -> (..., out)
 
 
 class GroupedLinear(nn.Module):
@@ -36,12 +54,8 @@ class GroupedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features))
 
     def forward(self, x):
-        """The layer on its own, by einsum: the reference. The adapters run each path as one
-        batched matmul (RepAdapter.up_paths), which a test holds to this one's bits."""
-        xg = x.unflatten(-1, (self.groups, -1))  # (..., g, in/g)
-        w = self.weight.unflatten(0, (self.groups, -1))  # (g, out/g, in/g)
-        y = torch.einsum("...gi,goi->...go", xg, w.to(xg.dtype))  # (..., g, out/g)
-        return y.flatten(-2) + self.bias.to(y.dtype)
+        y = grouped_matmul(x, self.weight, self.groups)  # (..., out)
+        return y + self.bias.to(y.dtype)  # under autocast y is half precision: keep it so
 
     def dense(self) -> torch.Tensor:
         """The (out, in) block-diagonal matrix this layer multiplies by."""
@@ -67,32 +81,12 @@ class RepAdapter(nn.Module):
         """The up-projections, one per reasoning path."""
         return [self.conv_B]
 
-    def up_paths(self, h: torch.Tensor) -> list[torch.Tensor]:
-        """Every path's up-projection of h (B, L, hidden), bias added: one (B, L, dim) each. A
-        grouped layer is a matmul per group, so one batched matmul over the groups does it: the
-        kernel GroupedLinear's einsum ends in, without the dozen view and copy ops einsum adds
-        around it each way (on a GPU each op is a kernel launch, and launches dominated the eager
-        step). The same kernel in the same order: the same bits as the einsum, gradients too.
-        (One matmul for both paths would save a few more ops, but sums the two paths' gradients
-        inside it, in another order: other bits, another laptop table.)"""
-        g, hidden = self.conv_B.groups, h.shape[-1]
-        hg = h.reshape(-1, g, hidden // g).transpose(0, 1)  # (g, B*L, hidden/g)
-        out = []
-        for up in self.paths():
-            w = up.weight.view(g, -1, hidden // g).transpose(1, 2)  # (g, hidden/g, dim/g)
-            y = torch.bmm(hg, w).transpose(0, 1).reshape(*h.shape[:-1], -1)  # (g, B*L, dim/g) -> (B, L, dim)
-            out.append(y + up.bias.to(y.dtype))  # under autocast y is half precision: keep it so
-        return out
-
-    def scaled(self, y):
-        return y if self.scale == 1 else self.scale * y  # s = 1 in the paper: no kernel spent on it
-
     def forward(self, x, weights=None):
         """x (B, L, dim); weights: unused, one path serves every modality (the ablation of LaVIN
         without a router, train.py --no_router)."""
         xa = adapter_input(x, self.conv_A.weight)
-        up, = self.up_paths(self.dropout(self.conv_A(xa)))  # (B, L, dim)
-        return (xa + self.scaled(up)).to(x.dtype)
+        h = self.dropout(self.conv_A(xa))  # (B, L, hidden)
+        return (xa + self.scale * self.conv_B(h)).to(x.dtype)
 
     def up(self, weights=None):
         """The up-projection as a dense (dim, hidden) matrix and its bias, in float64."""
@@ -121,15 +115,18 @@ class MMAdapter(RepAdapter):
     def paths(self) -> list:
         return [self.conv_B, self.conv_D]
 
+    def route(self, x) -> torch.Tensor:
+        """Router weights (..., 2) read off x (..., dim) itself."""
+        return self.expert_weights(adapter_input(x, self.conv_A.weight))
+
     def forward(self, x, weights=None):
-        """x (B, L, dim); weights (B, 1, 2) from the modality token, or (B, L, 2), or None to
-        route each token on its own hidden state (as in CLIP)."""
+        """x (B, L, dim); weights (B, 1, 2) from the modality token, or (B, L, 2), or None to route
+        each token on its own hidden state (as in CLIP). The paper's formula (section 3.2)."""
         xa = adapter_input(x, self.conv_A.weight)
-        if weights is None:
-            weights = self.expert_weights(xa)
-        up_B, up_D = self.up_paths(self.dropout(self.conv_A(xa)))  # each (B, L, dim)
-        w = weights.to(up_B.dtype)
-        return (xa + self.scaled(up_B * w[..., :1] + up_D * w[..., 1:])).to(x.dtype)
+        w = self.route(xa) if weights is None else weights  # (B, 1 or L, 2)
+        h = self.dropout(self.conv_A(xa))  # (B, L, hidden)
+        w0, w1 = w.to(h.dtype).split(1, -1)  # (B, 1 or L, 1) each
+        return (xa + self.scale * (w0 * self.conv_B(h) + w1 * self.conv_D(h))).to(x.dtype)
 
     def up(self, weights):
         """Both up-projections mixed by routing weights (2,): (dim, hidden) and (dim,), float64."""

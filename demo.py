@@ -229,8 +229,9 @@ class Demo:
                            min(job.max_new_tokens, room), job.temperature, job.top_p, generator=g, on_token=on_token)
         seconds = time.perf_counter() - t0
         stream(0, out[0], final=True)  # what was held back: the answer ended inside a character
-        routes = model.routes(ind, 1, device, model.llama.tok_embeddings.weight.dtype) or []
-        routing = {"llama": [w[0, 0].tolist() for w, _ in routes if w is not None],
+        routes = model.routes(ind, 1, device, model.llama.tok_embeddings.weight.dtype)
+        routes = [] if isinstance(routes, str) else routes  # ONE_PATH or NO_ADAPTERS: no router chose
+        routing = {"llama": [w[0, 0].tolist() for w, _ in routes],
                    "clip": [w[0].float().mean(0).tolist() for w in seen]}  # (L, 2): the mean over tokens
         if any(w is not None for _, w in routes):  # the "block" variant: adapters before the FFN too
             routing["llama_mlp"] = [w[0, 0].tolist() for _, w in routes]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lavin import LaVIN
+from lavin import TEXT_START, LaVIN
 from model import KVCache, Llama
 
 
@@ -118,7 +118,7 @@ def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: i
     out, alive, at_eos = [[] for _ in range(B)], [True] * B, [False] * B
     # Only the last position's logits are needed: norm and output on it alone (a 500-token batch
     # of 16 would otherwise make a GiB of fp32 logits for nothing).
-    h = model.llama(embeds=x, cache=cache, routes=routes, pos_offset=1, head=False)[:, -1]  # (B, dim)
+    h = model.llama(embeds=x, cache=cache, routes=routes, pos_offset=TEXT_START, head=False)[:, -1]  # (B, dim)
     logits = model.llama.output(model.llama.norm(h))
     steps = 0
     while True:
@@ -140,9 +140,9 @@ def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: i
         # Rows that ended keep decoding (their tokens are dropped): the batch keeps one shape.
         emb = model.llama.tok_embeddings(nxt[:, None])  # (B, 1, dim)
         if decoder is None:
-            logits = model.llama(embeds=emb, cache=cache, routes=routes, pos_offset=1)[:, -1]
+            logits = model.llama(embeds=emb, cache=cache, routes=routes, pos_offset=TEXT_START)[:, -1]
         else:
-            logits = decoder(emb, cache, routes, pos_offset=1)
+            logits = decoder(emb, cache, routes, pos_offset=TEXT_START)
 
 
 @torch.inference_mode()

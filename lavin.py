@@ -29,11 +29,12 @@ import torch.nn.functional as F
 
 from adapter import MMAdapter, RepAdapter, convert_official, fold_adapter, load_trainable, mark_trainable, trainable_state_dict
 from clip import VisionTransformer, load_clip
-from model import Llama, ModelArgs, load_llama
+from model import NO_ADAPTERS, ONE_PATH, Llama, ModelArgs, load_llama
 from quant import QuantLinear, bits_of, held_bytes, quantize_
 from router import modality_embedding
 
 IGNORE_INDEX = -100  # label of every position that carries no loss
+TEXT_START = 1  # the text's first position: the official code puts the modality token at 0
 
 
 @dataclass
@@ -113,46 +114,56 @@ class LaVIN(nn.Module):
         """Token ids (B, T) -> embeddings (B, T + E, dim) with "Image: " and the visual tokens, or
         "Image: N/A", inserted after BOS; labels (B, T) are moved along with their tokens and the
         inserted positions get IGNORE_INDEX. E is the longer insertion; samples with a shorter one
-        end in E' padding positions that carry no loss (the causal mask keeps them harmless)."""
+        end in E' padding positions that carry no loss (the causal mask keeps them harmless).
+
+        Per sample this is the official construction, cat([BOS, insertion, the rest of the text]),
+        which tests/test_lavin.py test_embed_inserts_prefix_and_visual_tokens_after_bos writes out;
+        here it is one gather for the whole batch."""
         B, T = tokens.shape
         if not self.args.visual:  # the ablation: every sample reads "Image: N/A"
             images = img_indicator = None
-        emb = self.llama.tok_embeddings
-        dim, dtype = emb.weight.shape[1], emb.weight.dtype
         has_img = torch.zeros(B, dtype=torch.bool, device=tokens.device) if img_indicator is None \
             else img_indicator.bool()
-        n_img, n_txt, E = len(self.prefix_img) + self.n_visual, len(self.prefix_text), self.n_inserted
-        x_txt = F.pad(emb(self.prefix_text), (0, 0, 0, E - n_txt)).expand(B, E, dim)  # (B, E, dim)
-        if images is not None:
-            feats = self.visual(images, self.args.every)  # (B, n_visual, clip width)
-            vis = self.adapter_proj(feats.to(self.adapter_proj.conv_A.weight.dtype)).to(dtype)
-            x_img = torch.cat([emb(self.prefix_img).expand(B, -1, dim), vis], 1)  # (B, n_img, dim)
-            x_img = F.pad(x_img, (0, 0, 0, E - n_img))  # (B, E, dim)
-            extras = torch.where(has_img[:, None, None], x_img, x_txt)
-        elif has_img.any():
-            raise ValueError("img_indicator marks samples with an image, but no images were given")
-        else:
-            extras = x_txt  # every sample is text-only
-        n_ins = self.inserted(has_img)[:, None]  # (B, 1) tokens inserted per sample
-        j = torch.arange(T + E, device=tokens.device)[None]  # (1, T + E) new positions
-        inserted = (j >= 1) & (j < 1 + n_ins)  # (B, T + E)
-        src = torch.where(j == 0, 0, j - n_ins).clamp(0, T - 1)  # (B, T + E) where text comes from
-        text = emb(tokens.gather(1, src))  # (B, T + E, dim)
-        ext = extras.gather(1, (j - 1).clamp(0, E - 1)[..., None].expand(B, -1, dim))  # (B, T + E, dim)
-        h = torch.where(inserted[..., None], ext, text)
+        ins, E = self.insertions(images, has_img), self.n_inserted  # (B, E, dim)
+        n_ins = self.inserted(has_img)[:, None]  # (B, 1): the length of each sample's insertion
+        # New position j holds BOS (j = 0), insertion token j - 1 (1 <= j <= n_ins), or text token
+        # j - n_ins (past the text's end: its last token again, whose label is dropped below).
+        j = torch.arange(T + E, device=tokens.device)[None]  # (1, T + E)
+        is_inserted = (j >= 1) & (j < 1 + n_ins)  # (B, T + E)
+        text_at = torch.where(j == 0, 0, j - n_ins).clamp(0, T - 1)  # (B, T + E) a text index
+        insertion_at = (j - 1).clamp(0, E - 1)[..., None].expand(B, -1, ins.shape[-1])  # (B, T + E, dim)
+        text = self.llama.tok_embeddings(tokens.gather(1, text_at))  # (B, T + E, dim)
+        h = torch.where(is_inserted[..., None], ins.gather(1, insertion_at), text)
         if labels is None:
             return h, None
         past_end = j - n_ins >= T  # the padding tail of samples with the shorter insertion
-        new_labels = labels.gather(1, src).masked_fill(inserted | past_end, IGNORE_INDEX)
+        new_labels = labels.gather(1, text_at).masked_fill(is_inserted | past_end, IGNORE_INDEX)
         return h, new_labels
 
+    def insertions(self, images, has_img) -> torch.Tensor:
+        """What `embed` inserts after BOS, (B, E, dim), zero-padded to E: the embedded "Image: " and
+        the visual neck's tokens where has_img (B,), else the embedded "Image: N/A"."""
+        emb = self.llama.tok_embeddings
+        B, (dim, dtype), E = len(has_img), (emb.weight.shape[1], emb.weight.dtype), self.n_inserted
+        text_only = F.pad(emb(self.prefix_text), (0, 0, 0, E - len(self.prefix_text))).expand(B, E, dim)
+        if images is None:
+            if has_img.any():
+                raise ValueError("img_indicator marks samples with an image, but no images were given")
+            return text_only  # every sample is text-only
+        feats = self.visual(images, self.args.every)  # (B, n_visual, clip width)
+        vis = self.adapter_proj(feats.to(self.adapter_proj.conv_A.weight.dtype)).to(dtype)  # the visual neck
+        with_img = torch.cat([emb(self.prefix_img).expand(B, -1, dim), vis], 1)  # (B, n_img, dim)
+        with_img = F.pad(with_img, (0, 0, 0, E - with_img.shape[1]))  # (B, E, dim)
+        return torch.where(has_img[:, None, None], with_img, text_only)
+
     def routes(self, img_indicator, batch: int, device, dtype):
-        """Router weights of every LLaMA block, from the modality token (B, 1, dim) alone; None
-        once fold() has baked one modality's routing into the weights."""
+        """Router weights of every LLaMA block, one (w_attn, w_mlp) pair each, from the modality
+        token (B, 1, dim) alone; model.ONE_PATH without a router, model.NO_ADAPTERS once fold()
+        has baked one modality's routing into the weights."""
         if self.folded is not None:
-            return None
+            return NO_ADAPTERS
         if not self.args.router:  # one adapter path for every sample: nothing to route
-            return [(None, None)] * len(self.llama.layers)
+            return ONE_PATH
         ind = torch.zeros(batch, dtype=torch.long, device=device) if img_indicator is None else img_indicator.long()
         m = self.adapter_modality_embedding(ind)[:, None].to(dtype)  # (B, 1, dim)
         return self.llama.route(m)
@@ -182,8 +193,8 @@ class LaVIN(nn.Module):
         h, labels = self.embed(tokens, images, img_indicator, labels)
         routes = self.routes(img_indicator, tokens.shape[0], tokens.device, h.dtype)
         if labels is None:
-            return self.llama(embeds=h, routes=routes, pos_offset=1)
-        h = self.llama(embeds=h, routes=routes, pos_offset=1, head=False)  # (B, T + E, dim)
+            return self.llama(embeds=h, routes=routes, pos_offset=TEXT_START)
+        h = self.llama(embeds=h, routes=routes, pos_offset=TEXT_START, head=False)  # (B, T + E, dim)
         # Only answer positions carry loss, so norm and the vocabulary projection run on those
         # alone: no (B, T + E, vocab) logits, a tenth of the positions in ScienceQA.
         target = labels[:, 1:]
@@ -203,7 +214,10 @@ class LaVIN(nn.Module):
                              f"folded into them; run the model with its adapters unfolded")
         self.eval()  # folding is for inference: no dropout may leak into the routing baked in
         ind = torch.tensor([modality], device=self.llama.tok_embeddings.weight.device)
-        for block, (w_attn, w_mlp) in zip(self.llama.layers, self.routes(ind, 1, ind.device, torch.float32)):
+        routes = self.routes(ind, 1, ind.device, torch.float32)
+        if routes == ONE_PATH:  # without a router each adapter is one affine map already: no weights
+            routes = [(None, None)] * len(self.llama.layers)
+        for block, (w_attn, w_mlp) in zip(self.llama.layers, routes):
             for adapter, w, readers in ((block.adapter_attn, w_attn, (block.attention, "wq", "wk", "wv")),
                                         (block.adapter_mlp, w_mlp, (block.feed_forward, "w1", "w3"))):
                 if adapter is None:

@@ -15,12 +15,11 @@ optional KV cache: batched prefill of left-padded prompts, then one-token decode
 
 Part 2 loads Meta's layout (`params.json`, `consolidated.NN.pth` shards, `tokenizer.model`, read
 by tokenizer.py) and the Hugging Face layout Vicuna ships (`config.json`, `pytorch_model*.bin` or
-`*.safetensors`), one tensor at a time; with bits=4 or 8 the blocks' linear layers are quantized
-(quant.py) as their weights stream in (LaVIN-lite).
+`*.safetensors`; llama_files.py reads both), one tensor at a time; with bits=4 or 8 the blocks'
+linear layers are quantized (quant.py) as their weights stream in (LaVIN-lite).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from llama_files import Lazy, check_state, read_hf, read_meta
 from quant import QuantLinear, quantize_
 from tokenizer import Tokenizer, find_tokenizer
 
@@ -110,15 +110,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, kv=None, start=0):
+    def forward(self, x, rope=None, mask=None, kv=None, start=0, fixed_shapes: bool = False):
+        """x (B, T, dim). rope: (cos, sin) from rope_angles, or None for no rotation (Llama.route's
+        lone token, whose position is moot). kv: this layer's cache (k, v), written from slot
+        `start` on. fixed_shapes: decode_step's way, start a (1,) tensor, every slot attended to."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if cos is not None:  # None: no rotation (Llama.route's lone token, whose position is moot)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd)
-        if kv is not None and isinstance(start, torch.Tensor):  # Llama.decode_step: fixed shapes
+        if kv is not None and fixed_shapes:  # Llama.decode_step: no shape depends on the step
             k_buf, v_buf = kv
             k_buf.index_copy_(2, start, k)  # into slot `start` (a (1,) tensor), in place
             v_buf.index_copy_(2, start, v)
@@ -148,6 +151,13 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 
+# `routes`: how a block's adapters get the router weights that mix their two paths. Either one
+# (w_attn, w_mlp) pair per block, read off LaVIN's modality token (LaVIN.routes), or one of:
+EACH_TOKEN = "each token"  # every adapter routes each token on its own hidden state (Llama.route)
+ONE_PATH = "one path"  # the adapters have one path and no router (LaVIN --no_router): nothing to mix
+NO_ADAPTERS = "no adapters"  # a plain LLaMA, or LaVIN whose routing is folded into the weights (LaVIN.fold)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -159,27 +169,36 @@ class Block(nn.Module):
         self.adapter_attn: nn.Module | None = None
         self.adapter_mlp: nn.Module | None = None
 
-    def forward(self, x, cos, sin, mask=None, kv=None, start=0, routes=None, recompute: bool = False):
-        """routes: this block's router weights (attn, mlp), each (B, 1, 2), or None to let every
-        adapter route each token on its own hidden state. Returns (x, the routes used). recompute:
-        keep only x and run the block again in the backward pass (gradient checkpointing), decided
-        inside the block so that a compiled block compiles the recomputation too."""
+    def forward(self, x, rope=None, mask=None, kv=None, start=0, routes=NO_ADAPTERS, fixed_shapes: bool = False,
+                recompute: bool = False):
+        """x (B, T, dim); routes: this block's (w_attn, w_mlp), each (B, 1, 2), or a name above; the
+        rest as Attention takes them. Returns (x, the router weights used). recompute: keep only x
+        and run the block again in the backward pass (gradient checkpointing), decided here so that
+        a compiled block compiles it too."""
         if recompute:
-            return checkpoint(self.layer, x, cos, sin, mask, kv, start, routes, use_reentrant=False)
-        return self.layer(x, cos, sin, mask, kv, start, routes)
+            return checkpoint(self.layer, x, rope, mask, kv, start, routes, fixed_shapes, use_reentrant=False)
+        return self.layer(x, rope, mask, kv, start, routes, fixed_shapes)
 
-    def layer(self, x, cos, sin, mask=None, kv=None, start=0, routes=None):
-        w_attn = w_mlp = None
-        h = self.attention_norm(x)
-        if self.adapter_attn is not None:
-            w_attn = routes[0] if routes is not None else self.adapter_attn.expert_weights(h)
-            h = self.adapter_attn(h, w_attn)
-        x = x + self.attention(h, cos, sin, mask, kv, start)
-        h = self.ffn_norm(x)
-        if self.adapter_mlp is not None:
-            w_mlp = routes[1] if routes is not None else self.adapter_mlp.expert_weights(h)
-            h = self.adapter_mlp(h, w_mlp)
+    def layer(self, x, rope, mask, kv, start, routes, fixed_shapes):
+        h, w_attn = adapt(self.adapter_attn, self.attention_norm(x), routes, 0)
+        x = x + self.attention(h, rope, mask, kv, start, fixed_shapes)
+        h, w_mlp = adapt(self.adapter_mlp, self.ffn_norm(x), routes, 1)
         return x + self.feed_forward(h), (w_attn, w_mlp)
+
+
+def adapt(adapter, h, routes, slot: int):
+    """h (B, T, dim) through one adapter slot (0: before attention, 1: before the feed-forward), its
+    paths mixed as `routes` says. Returns (h, the router weights used, or None)."""
+    if adapter is None or routes == ONE_PATH:
+        return h if adapter is None else adapter(h), None
+    if routes == NO_ADAPTERS:
+        raise ValueError("this block holds an adapter: routes=NO_ADAPTERS gives it no router weights")
+    w = adapter.route(h) if routes == EACH_TOKEN else routes[slot]  # else: the modality token's pair
+    return adapter(h, w), w
+
+
+def per_block(routes, layers) -> list:
+    return [routes] * len(layers) if isinstance(routes, str) else routes  # a name holds for every block
 
 
 class KVCache:
@@ -225,14 +244,15 @@ class Llama(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block in the backward pass (training)
 
-    def forward(self, tokens=None, embeds=None, cache: KVCache | None = None, routes=None,
+    def forward(self, tokens=None, embeds=None, cache: KVCache | None = None, routes=NO_ADAPTERS,
                 pos_offset: int = 0, head: bool = True):
         """Logits (B, T, vocab) for token ids (B, T) or ready embeddings (B, T, dim); with
         head=False the last block's hidden states (B, T, dim) instead, before norm and output
         (a trainer applies them to the few positions that carry loss).
 
         cache: a KVCache to read and extend (prefill, then one token per step).
-        routes: router weights per layer, as `route` returns them (LaVIN); None for plain LLaMA.
+        routes: one (w_attn, w_mlp) per block, as `route` returns them (LaVIN), or one of EACH_TOKEN,
+        ONE_PATH, NO_ADAPTERS (a plain LLaMA) for every block.
         pos_offset: position of the first token (LaVIN's text starts at 1, after its modality
         token, which it runs through `route` instead).
         """
@@ -252,17 +272,16 @@ class Llama(nn.Module):
             real = keys[None, None, None, :] >= cache.pad[:, None, None, None]  # (B, 1, 1, S)
             # A padding query sees itself: some SDPA kernels give NaN for a row with no key to see.
             mask = mask & (real | (keys[None, :] == slots[:, None])[None, None])  # (B, 1, T, S)
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # ([B,] T, 1, hd/2, 2)
+        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # each ([B,] T, 1, hd/2, 2)
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
+        for i, (layer, r) in enumerate(zip(self.layers, per_block(routes, self.layers))):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            r = routes[i] if routes is not None else None
-            h, _ = layer(h, cos, sin, mask, kv, start, r, recompute)
+            h, _ = layer(h, rope, mask, kv, start, r, recompute=recompute)
         if cache is not None:
             cache.len += T
         return self.output(self.norm(h)) if head else h
 
-    def decode_step(self, embeds, cache: KVCache, slot: torch.Tensor, routes=None, pos_offset: int = 0):
+    def decode_step(self, embeds, cache: KVCache, slot: torch.Tensor, routes=NO_ADAPTERS, pos_offset: int = 0):
         """Logits (B, vocab) of one token per row, embeds (B, 1, dim), written at cache slot
         `slot` (a (1,) long tensor on the model's device) after a prefill by `forward`.
 
@@ -274,11 +293,10 @@ class Llama(nn.Module):
         keys = torch.arange(cache.max_len, device=embeds.device)  # (S,)
         mask = (keys <= slot) & (keys >= cache.pad[:, None])  # (B, S): written, and not padding
         positions = (slot - cache.pad)[:, None] + pos_offset  # (B, 1): counted from the first real token
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # (B, 1, 1, hd/2, 2)
+        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # each (B, 1, 1, hd/2, 2)
         h = embeds
-        for i, layer in enumerate(self.layers):
-            r = routes[i] if routes is not None else None
-            h, _ = layer(h, cos, sin, mask[:, None, None], (cache.k[i], cache.v[i]), slot, r)
+        for i, (layer, r) in enumerate(zip(self.layers, per_block(routes, self.layers))):
+            h, _ = layer(h, rope, mask[:, None, None], (cache.k[i], cache.v[i]), slot, r, fixed_shapes=True)
         return self.output(self.norm(h[:, -1]))
 
     def route(self, m: torch.Tensor) -> list:
@@ -287,22 +305,12 @@ class Llama(nn.Module):
         all it does; the text then runs on the causal fast path with these weights."""
         routes = []
         for layer in self.layers:  # no rotation: a token attending to itself alone gets its own value
-            m, r = layer(m, None, None)
+            m, r = layer(m, rope=None, routes=EACH_TOKEN)
             routes.append(r)
         return routes
 
 
 # ----------------------------------------------------------------------------- checkpoint loading
-
-# Meta's model-parallel shards split each weight along one dim; norms are copied to every shard.
-SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
-SKIPPED_KEYS = {"rope.freqs"}  # LLaMA-1 files carry the rotary table; we compute it
-
-
-def shard_dim(key: str) -> int | None:
-    name = key.rsplit(".", 2)[-2]  # "layers.0.attention.wq.weight" -> "wq"
-    return SHARD_DIM.get(name)
-
 
 def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 2048, bits: int = 16):
     """(Llama, Tokenizer) from a checkpoint folder in Meta's or Hugging Face's layout.
@@ -314,9 +322,9 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
     """
     folder = Path(folder)
     if (folder / "params.json").is_file():
-        args, state = read_meta(folder)
+        params, state = read_meta(folder)
     elif (folder / "config.json").is_file():
-        args, state = read_hf(folder)
+        params, state = read_hf(folder)
     elif not folder.is_dir():
         raise FileNotFoundError(f"no LLaMA checkpoint folder at {folder}")
     else:
@@ -324,35 +332,13 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
             f"{folder} holds neither Meta's layout (params.json + consolidated.NN.pth) nor Hugging "
             f"Face's (config.json + pytorch_model*.bin or *.safetensors)")
     tokenizer = Tokenizer(find_tokenizer(folder))
+    args = ModelArgs.from_params(params, max_seq_len=max_seq_len)
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
-    args.max_seq_len = max_seq_len
     with torch.device("meta"):
         model = Llama(args)
     load_strict(model, state, dtype, device, bits)
     return model.eval(), tokenizer
-
-
-def check_state(expected: dict, state: dict, source: str = "checkpoint"):
-    """Raise, naming the keys or the key and both shapes, unless state fits expected exactly."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        cut = lambda keys: f"{keys[:20]}{' ...' if len(keys) > 20 else ''}"  # noqa: E731
-        raise KeyError(f"{source} does not fit the model: missing keys {cut(missing)}, "
-                       f"unexpected keys {cut(unexpected)}")
-    for key, want in expected.items():
-        if tuple(state[key].shape) != tuple(want.shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model's is "
-                             f"{tuple(want.shape)}")
-
-
-class Lazy:
-    """A checkpoint tensor made only when the loader takes it (a merge of shards, HF's row
-    permutation, a safetensors read): the loader then holds one such tensor at a time."""
-
-    def __init__(self, shape, make):
-        self.shape, self.make = torch.Size(shape), make
 
 
 def load_strict(model: nn.Module, state: dict, dtype, device, bits: int = 16):
@@ -371,110 +357,3 @@ def load_strict(model: nn.Module, state: dict, dtype, device, bits: int = 16):
         else:
             loaded[key] = t.to(dtype)
     model.load_state_dict(loaded, strict=not quantized, assign=True)  # every key was checked above
-
-
-def read_meta(folder: Path):
-    """ModelArgs and a lazily merged state dict from params.json + consolidated.NN.pth."""
-    args = ModelArgs.from_params(json.loads((folder / "params.json").read_text()))
-    paths = sorted(folder.glob("consolidated.*.pth"))
-    if not paths:
-        raise FileNotFoundError(f"{folder} has params.json but no consolidated.NN.pth shard")
-    shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
-    for shard in shards:
-        for key in SKIPPED_KEYS:
-            shard.pop(key, None)
-    keys = set(shards[0])
-    for p, shard in zip(paths[1:], shards[1:]):
-        if set(shard) != keys:
-            raise ValueError(f"shards disagree: {p.name} has keys {sorted(set(shard) ^ keys)[:10]} "
-                             f"that {paths[0].name} does not, or lacks them")
-    state = {}
-    for key in sorted(keys):
-        parts = [s[key] for s in shards]
-        dim = shard_dim(key)
-        if dim is None:  # copied to every shard: they must agree
-            for p, t in zip(paths[1:], parts[1:]):
-                if t.shape != parts[0].shape or not torch.equal(t, parts[0]):
-                    raise ValueError(f"shards disagree on {key}: {paths[0].name} and {p.name} differ")
-            state[key] = parts[0]
-        else:
-            for p, t in zip(paths[1:], parts[1:]):
-                other = [s for i, s in enumerate(t.shape) if i != dim]
-                if other != [s for i, s in enumerate(parts[0].shape) if i != dim]:
-                    raise ValueError(f"shards disagree on {key}: {paths[0].name} has shape "
-                                     f"{tuple(parts[0].shape)}, {p.name} {tuple(t.shape)}")
-            shape = list(parts[0].shape)
-            shape[dim] = sum(t.shape[dim] for t in parts)
-            merge = lambda parts=parts, dim=dim: torch.cat(parts, dim)  # noqa: E731
-            state[key] = parts[0] if len(parts) == 1 else Lazy(shape, merge)
-    return args, state
-
-
-HF_NAMES = {  # Hugging Face name -> Meta name, per layer
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo the row permutation HF's converter applies to wq/wk for its rotate-half RoPE: in each
-    head, HF holds all first halves of the rotary pairs, then all second halves; Meta interleaves."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def read_hf(folder: Path):
-    """ModelArgs and a Meta-named state dict from config.json + pytorch_model*.bin / *.safetensors."""
-    cfg = json.loads((folder / "config.json").read_text())
-    dim, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    # HF states the FFN width outright. multiple_of = width rounds int(8*dim/3) (scaled down by
-    # ffn_dim_multiplier if it is bigger) up to exactly that width.
-    base = int(2 * 4 * dim / 3)
-    args = ModelArgs(
-        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
-        multiple_of=inter, ffn_dim_multiplier=None if base <= inter else inter / base,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0))
-    assert args.ffn_hidden == inter
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    tensors = sorted(folder.glob("*.safetensors"))
-    raw = {}
-    if bins:
-        for p in bins:
-            raw.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-    elif tensors:
-        try:
-            from safetensors import safe_open
-        except ImportError as e:
-            raise ImportError(f"{folder} holds *.safetensors: pip install safetensors to read them") from e
-        for p in tensors:
-            f = safe_open(p, framework="pt")  # read a tensor when it is asked for
-            raw.update({k: Lazy(f.get_slice(k).get_shape(), lambda f=f, k=k: f.get_tensor(k)) for k in f.keys()})
-    else:
-        raise FileNotFoundError(f"{folder} has config.json but no pytorch_model*.bin or *.safetensors")
-    state = {}
-    for key, t in raw.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            continue  # derived, some exports include it
-        if key == "model.embed_tokens.weight":
-            state["tok_embeddings.weight"] = t
-        elif key == "model.norm.weight":
-            state["norm.weight"] = t
-        elif key == "lm_head.weight":
-            state["output.weight"] = t
-        elif key.startswith("model.layers."):
-            i, rest = key[len("model.layers."):].split(".", 1)
-            name, suffix = rest.rsplit(".", 1)
-            if name not in HF_NAMES:
-                state[key] = t  # load_strict reports it as unexpected
-                continue
-            if name in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = args.n_heads if name == "self_attn.q_proj" else args.kv_heads
-                t = Lazy(t.shape, lambda t=t, heads=heads: unpermute(t.make() if isinstance(t, Lazy) else t, heads))
-            state[f"layers.{i}.{HF_NAMES[name]}.{suffix}"] = t
-        else:
-            state[key] = t
-    return args, state

@@ -14,13 +14,6 @@ import torch.nn as nn
 IMAGE, TEXT = 1, 0  # rows of the modality embedding (the official img_indicator: 1 = has image)
 
 
-def adapter_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x as an adapter or router reads it. Under autocast x stays as it is (autocast gives each
-    matmul its dtype, so a cast here would be a wasted kernel each call); outside it, a
-    half-precision backbone meets the fp32 adapters, which then compute in fp32."""
-    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
-
-
 def modality_embedding(dim: int) -> nn.Embedding:
     """The learned modality tokens: row 1 for samples with an image, row 0 for text-only ones."""
     return nn.Embedding(2, dim)
@@ -36,7 +29,7 @@ class Router(nn.Linear):
         self.temperature = temperature
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(adapter_input(t, self.weight))
+        logits = super().forward(t)  # t in the router's dtype: MMAdapter.route casts it
         if logits.dtype not in (torch.float32, torch.float64):  # at least fp32 for the softmax: under
             logits = logits.float()  # autocast the logits come out in half precision
         return torch.softmax(logits / self.temperature, -1)

@@ -132,12 +132,16 @@ def test_adapter_gives_the_einsum_formulas_bits_forward_and_backward(routing):
     x = torch.randn(3, 17, 64, requires_grad=True)
     w = torch.softmax(torch.randn(3, 1, 2), -1).requires_grad_()
 
+    def einsum(h, lin):  # a grouped kernel-1 Conv1d by einsum, the adapters' former forward
+        w = lin.weight.unflatten(0, (lin.groups, -1))  # (g, out/g, in/g)
+        return torch.einsum("...gi,goi->...go", h.unflatten(-1, (lin.groups, -1)), w).flatten(-2) + lin.bias
+
     def formula():  # the einsum adapter's forward, in its order (autograd sums x's gradients in it)
         ww = w if routing != "per token" else ad.expert_weights(x)
         h = ad.conv_A(x)
         if routing == "one path":
-            return x + ad.conv_B(h)
-        return x + (ad.conv_B(h) * ww[..., :1] + ad.conv_D(h) * ww[..., 1:])
+            return x + einsum(h, ad.conv_B)
+        return x + (einsum(h, ad.conv_B) * ww[..., :1] + einsum(h, ad.conv_D) * ww[..., 1:])
 
     results = []
     for fn in (lambda: ad(x, w if routing == "per sample" else None), formula):
@@ -176,8 +180,8 @@ def llama_block():
     routes = (torch.softmax(torch.randn(2, 1, 2), -1), None)
 
     def run(x, recompute):
-        cos, sin = rope_angles(torch.arange(x.shape[1]) + 1, args.head_dim, args.rope_theta)
-        return block(x, cos, sin, None, None, 0, routes, recompute)[0]
+        rope = rope_angles(torch.arange(x.shape[1]) + 1, args.head_dim, args.rope_theta)
+        return block(x, rope, routes=routes, recompute=recompute)[0]
 
     return block, run, (2, 48, 64)
 

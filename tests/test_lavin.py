@@ -213,7 +213,7 @@ def test_fast_modality_path_equals_masked_formulation(adapter_mlp):
     for blk in model.llama.layers:
         hn = blk.attention_norm(x)
         hn = blk.adapter_attn(hn, blk.adapter_attn.expert_weights(hn[:, :1]))
-        x = x + blk.attention(hn, cos[None], sin[None], mask[None, None])
+        x = x + blk.attention(hn, (cos[None], sin[None]), mask[None, None])
         hn = blk.ffn_norm(x)
         if adapter_mlp:
             hn = blk.adapter_mlp(hn, blk.adapter_mlp.expert_weights(hn[:, :1]))
