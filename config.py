@@ -7,7 +7,6 @@ recipes as presets, and the checks that turn bad input into one line before any 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,8 @@ from pathlib import Path
 import torch
 
 import data
-from lavin import LaVINArgs, build_preset, llama_bytes, load_lavin, summary
-from runtime import UsageError, field_help
+from lavin import LaVINArgs, build_architecture, llama_bytes, load_lavin, summary
+from runtime import UsageError, config_parser
 
 
 @dataclass
@@ -70,49 +69,54 @@ class TrainConfig:
 
 WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b",
            "vicuna-13b": "weights/vicuna-13b"}
-PRESETS = {  # the paper's recipes; an explicit flag wins over its preset
-    "lavin-7b": dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt",
-                     temperature=10.0),
-    "lavin-13b": dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path="weights/ViT-L-14.pt",
-                      temperature=5.0),
+CLIP = "weights/ViT-L-14.pt"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A training recipe: the TrainConfig fields it sets (a flag given on the command line wins), and
+    the lavin.ARCHITECTURES entry it trains (None: the tiny backbones that a laptop set brings)."""
+    flags: dict
+    architecture: str | None = None
+
+
+PRESETS = {  # the paper's recipes, then the laptop ones
+    "lavin-7b": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path=CLIP, temperature=10.0),
+                       "lavin-7b"),
+    "lavin-13b": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path=CLIP, temperature=5.0),
+                        "lavin-13b"),
     # LaVIN-lite (the official --bits 4bit): NF4 LLaMA blocks, one GPU, batch 1 x 32 accumulation
     # with gradient checkpointing (a larger --batch_size keeps the effective 32 and runs faster)
-    "lavin-7b-lite": dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt",
-                          temperature=10.0, bits=4, batch_size=1, grad_checkpointing=True),
-    "lavin-13b-lite": dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path="weights/ViT-L-14.pt",
-                           temperature=5.0, bits=4, batch_size=1, grad_checkpointing=True),
+    "lavin-7b-lite": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["7B"], clip_path=CLIP, temperature=10.0,
+                                 bits=4, batch_size=1, grad_checkpointing=True), "lavin-7b"),
+    "lavin-13b-lite": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["13B"], clip_path=CLIP, temperature=5.0,
+                                  bits=4, batch_size=1, grad_checkpointing=True), "lavin-13b"),
     # LaVIN's chatbot: Vicuna, Alpaca-52k + LLaVA-Instruct, 15 epochs, 0.2 warm-up epochs
-    "chatbot-7b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-7b"], clip_path="weights/ViT-L-14.pt",
-                       epochs=15, warmup_epochs=0.2, temperature=10.0),
+    "chatbot-7b": Preset(dict(dataset="instruct", llama_path=WEIGHTS["vicuna-7b"], clip_path=CLIP, epochs=15,
+                              warmup_epochs=0.2, temperature=10.0), "lavin-7b"),
     # vl_instruction_tuning for 13B: 8 GPUs x batch 4 (the effective 32), temperature 5
-    "chatbot-13b": dict(dataset="instruct", llama_path=WEIGHTS["vicuna-13b"], clip_path="weights/ViT-L-14.pt",
-                        epochs=15, warmup_epochs=0.2, temperature=5.0),
+    "chatbot-13b": Preset(dict(dataset="instruct", llama_path=WEIGHTS["vicuna-13b"], clip_path=CLIP, epochs=15,
+                               warmup_epochs=0.2, temperature=5.0), "lavin-13b"),
     # Captions (ours: the paper gives no recipe): LLaMA-7B, one sample per reference caption of
     # train + restval (566k), 2 epochs, captions are short
-    "caption": dict(dataset="coco", llama_path=WEIGHTS["7B"], clip_path="weights/ViT-L-14.pt", epochs=2,
-                    warmup_epochs=0.2, max_seq_len=128, temperature=10.0),
+    "caption": Preset(dict(dataset="coco", llama_path=WEIGHTS["7B"], clip_path=CLIP, epochs=2, warmup_epochs=0.2,
+                           max_seq_len=128, temperature=10.0), "lavin-7b"),
     # The laptop demo: tiny backbones inside data/shapes, the paper's recipe (lr, batch, warm-up
-    # then cosine) on two CPU cores in three minutes: 10 epochs of 3,588 problems, answer only
-    # (QCM-A: the tiny LLaMA never read lectures, and learning them through 44k adapter weights
-    # costs the answers). The 20 epochs of 1,800 problems tried before learnt the training
-    # pictures by heart (image questions: 56% on test).
-    # One CPU thread for every laptop preset: the same table on a busy machine as on an idle one.
-    "shapes": dict(dataset="shapes", batch_size=16, max_seq_len=256, prompt_format="QCM-A", eval_batch_size=64,
-                   epochs=10, warmup_epochs=1.0, threads=1),
+    # then cosine) on two CPU cores in minutes: 10 epochs of 3,588 problems, answer only (QCM-A:
+    # the tiny LLaMA never read lectures). One CPU thread for every laptop preset: the same table
+    # on a busy machine as on an idle one.
+    "shapes": Preset(dict(dataset="shapes", batch_size=16, max_seq_len=256, prompt_format="QCM-A",
+                          eval_batch_size=64, epochs=10, warmup_epochs=1.0, threads=1)),
     # The chatbot demo: the tiny Vicuna inside data/shapes-chat, the chatbot recipe's schedule
     # shortened to minutes on two CPU cores.
-    "shapes-chat": dict(dataset="shapes-chat", batch_size=16, max_seq_len=256, eval_batch_size=64, epochs=4,
-                        warmup_epochs=0.5, threads=1),
+    "shapes-chat": Preset(dict(dataset="shapes-chat", batch_size=16, max_seq_len=256, eval_batch_size=64, epochs=4,
+                               warmup_epochs=0.5, threads=1)),
     # The caption demo: the tiny Vicuna inside data/shapes-coco, 1,500 pictures x 5 captions
-    "shapes-coco": dict(dataset="shapes-coco", batch_size=16, max_seq_len=128, eval_batch_size=64, epochs=3,
-                        warmup_epochs=0.5, threads=1),
+    "shapes-coco": Preset(dict(dataset="shapes-coco", batch_size=16, max_seq_len=128, eval_batch_size=64, epochs=3,
+                               warmup_epochs=0.5, threads=1)),
 }
 DATASET_PRESET = {"scienceqa": "lavin-7b", "shapes": "shapes", "instruct": "chatbot-7b", "shapes-chat": "shapes-chat",
                   "coco": "caption", "shapes-coco": "shapes-coco"}
-ARCHITECTURE = {"lavin-7b": "lavin-7b", "lavin-13b": "lavin-13b", "lavin-7b-lite": "lavin-7b",
-                "lavin-13b-lite": "lavin-13b", "chatbot-7b": "lavin-7b",
-                "chatbot-13b": "lavin-13b", "caption": "lavin-7b"}  # lavin.PRESETS, for --dry_run
-
 
 CHOICES = {"dataset": tuple(DATASET_PRESET), "preset": tuple(PRESETS), "bits": (16, 8, 4),
            "precision": ("auto", "bf16", "fp16", "fp32"), "instruct_mode": data.instruct.MODES,
@@ -122,22 +126,14 @@ CHOICES = {"dataset": tuple(DATASET_PRESET), "preset": tuple(PRESETS), "bits": (
 def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
     """TrainConfig from the command line: the dataclass defaults, then the preset (by default the
     dataset's own), then the flags given. Returns the config and notes on flags that overrode it."""
-    p = argparse.ArgumentParser(description="Mixture-of-Modality Training of LaVIN.")
-    helps = field_help(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        preset = any(f.name in recipe for recipe in PRESETS.values())
-        default = f"the preset's, else {f.default!r}" if preset else repr(f.default)
-        flag, text = f"--{f.name}", f"{helps[f.name]} (default: {default})".replace("%", "%%")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=helps[f.name])
-        else:  # the choices are shown, and checked by resolve() (its errors say more than argparse's)
-            shown = "{" + ",".join(map(str, CHOICES[f.name])) + "}" if f.name in CHOICES else None
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS,
-                           help=text, metavar=shown)
+    in_a_preset = {k for recipe in PRESETS.values() for k in recipe.flags}
+    p = config_parser(TrainConfig, "Mixture-of-Modality Training of LaVIN.", shown=CHOICES,  # checked by resolve()
+                      default_text=lambda f: f"the preset's, else {f.default!r}" if f.name in in_a_preset
+                      else repr(f.default))
     given = vars(p.parse_args(argv))  # only the flags on the command line
     preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
     # the weights' paths stay "" here: resolve() fills them, from a shapes set's own backbones first
-    values = {**{k: v for k, v in PRESETS[preset].items() if k not in ("llama_path", "clip_path")}, "preset": preset}
+    values = {**{k: v for k, v in PRESETS[preset].flags.items() if k not in ("llama_path", "clip_path")}, "preset": preset}
     notes = [f"--{k} {v} overrides preset {preset}'s {k}={values[k]}" for k, v in given.items()
              if k in values and values[k] != v]
     return TrainConfig(**{**values, **given}), notes
@@ -161,11 +157,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         tiny = next((d for d in ("llama", "vicuna") if Path(data_path, d, "params.json").is_file()), None)
     # never over the full run: ablations and other bits than the preset's get folders of their own
     ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router
-    ablation += f"-{cfg.bits}bit" * (cfg.bits != PRESETS[preset].get("bits", 16))
+    ablation += f"-{cfg.bits}bit" * (cfg.bits != PRESETS[preset].flags.get("bits", 16))
     cfg = dataclasses.replace(
         cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",
-        llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else PRESETS[preset].get("llama_path", "")),
-        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else PRESETS[preset].get("clip_path", "")),
+        llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else PRESETS[preset].flags.get("llama_path", "")),
+        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else PRESETS[preset].flags.get("clip_path", "")),
         coco_root=cfg.coco_root or (f"{data_path}/train2014" if cfg.dataset in data.CHAT_DATASETS else ""))
     if cfg.threads < 0:
         raise UsageError(f"--threads must be at least 0 (0 = OMP_NUM_THREADS, else one per free core), "
@@ -255,9 +251,9 @@ def dry_run(cfg: TrainConfig, device: torch.device):
         model, _ = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), device=device, dtype=torch.float32,
                               max_seq_len=cfg.max_seq_len, bits=cfg.bits)
         where = f"from {cfg.llama_path} and {cfg.clip_path}"
-    elif cfg.preset in ARCHITECTURE:
-        model = build_preset(ARCHITECTURE[cfg.preset], args=lavin_args(cfg))
-        where = f"{ARCHITECTURE[cfg.preset]}'s LLaMA and ViT-L/14 configs on the meta device (no weights read)"
+    elif (architecture := PRESETS[cfg.preset].architecture) is not None:
+        model = build_architecture(architecture, args=lavin_args(cfg))
+        where = f"{architecture}'s LLaMA and ViT-L/14 configs on the meta device (no weights read)"
     else:
         raise UsageError(f"--dry_run needs the weights ({cfg.llama_path}, {cfg.clip_path}) for preset {cfg.preset}")
     print(f"{cfg.preset}: {where}\n{summary(model)}")

@@ -34,6 +34,7 @@ import threading
 import time
 import traceback
 from contextlib import suppress
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,8 +53,8 @@ from generate import Stream, generate
 from lavin import LaVIN
 from quant import bits_of
 from router import IMAGE, TEXT
-from runtime import UsageError, busy_cores_note, pick_dtype, plain_warnings, setup_distributed
-from sample import (CHOICES, SampleConfig, check_at_least, load_model, message, parse_flags, read_checkpoint, resolve,
+from runtime import UsageError, busy_cores_note, config_parser, pick_dtype, plain_warnings, setup_distributed
+from sample import (CHOICES, RUNS, SampleConfig, check_at_least, load_model, message, read_checkpoint, resolve,
                     templated)
 
 PAGE = Path(__file__).with_name("demo.html")
@@ -63,33 +64,23 @@ FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: a JPEG with a second picture in
 
 
 @dataclass
-class DemoConfig:
-    # the weights, as sample.py takes them
-    run: str = ""  # a train.py output_dir: its adapters.pth, backbones, bits and prompt template
-    llama_path: str = ""  # LLaMA folder (Meta's or Hugging Face's layout); "" = the run's
-    clip_path: str = ""  # OpenAI CLIP checkpoint (ViT-L-14.pt); "" = the run's
-    adapters: str = ""  # our adapters.pth or the official checkpoint-19.pth; "" = the run's, else untrained
-    template: str = "auto"  # raw | instruction | auto: the run's (raw for scienceqa/shapes), as sample.py
-    # the server
+class DemoConfig(SampleConfig):
+    """sample.py's settings (the weights, the answers' defaults, the machine), and the server's."""
     host: str = "127.0.0.1"  # this machine only; 0.0.0.0 serves every network interface (no login!)
     port: int = 7860  # 0 = a free port (printed)
     examples: int = 6  # example pictures from the run's test split, shown on the page
-    # the answers: the page's defaults (a request may ask for others)
-    max_new_tokens: int = 64  # new tokens per answer at most
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # sample from the smallest set of tokens whose probability reaches it
-    seed: int = 0  # an answer's random draws start here: the same request gets the same answer
-    # the machine
-    max_seq_len: int = 0  # 0 = the run's, else 512
-    image_mode: str = ""  # lavin | clip (see clip.preprocess); "" = the run's, else lavin
-    device: str = ""  # "" = cuda if there is one, else cpu
-    threads: int = 0  # CPU threads for torch's ops; 0 = the run's, else OMP_NUM_THREADS or one per free core
-    precision: str = "auto"  # auto (bf16, or fp16 without bf16, on GPU; fp32 on CPU) | bf16 | fp16 | fp32
-    bits: int = 0  # LLaMA blocks' linear layers in 16 | 8 | 4 bits (NF4: LaVIN-lite); 0 = the run's, else 16
+
+
+FLAGS = ("run", "llama_path", "clip_path", "adapters", "template",  # the weights, as sample.py takes them
+         "host", "port", "examples",  # the server
+         "max_new_tokens", "temperature", "top_p", "seed",  # the page's defaults (a request may ask for others)
+         "max_seq_len", "image_mode", "device", "threads", "precision", "bits")  # the machine
 
 
 def make_config(argv=None) -> DemoConfig:
-    cfg = parse_flags(DemoConfig, "A local web page to chat with a trained LaVIN and see its routers.", CHOICES, argv)
+    p = config_parser(DemoConfig, "A local web page to chat with a trained LaVIN and see its routers.", FLAGS,
+                      choices=CHOICES)
+    cfg = DemoConfig(**vars(p.parse_args(argv)))
     check_at_least(cfg, {"max_new_tokens": 1, "temperature": 0, "threads": 0, "examples": 0, "port": 0})
     if cfg.port > 65535:
         raise UsageError(f"--port must be at most 65535, got {cfg.port}")
@@ -259,11 +250,9 @@ def example_pictures(run: str, tok, model: LaVIN, n: int, template: str) -> tupl
     return list(found.items()), "" if found else f"no example pictures: the {cfg.dataset} test split has none"
 
 
-def load(cfg: DemoConfig) -> Demo:
-    """The model and the page's facts, as sample.py --run loads them."""
-    keys = ("run", "llama_path", "clip_path", "adapters", "template", "max_new_tokens", "temperature", "top_p",
-            "seed", "max_seq_len", "image_mode", "device", "threads", "precision", "bits")
-    settings, _ = resolve(SampleConfig(**{k: getattr(cfg, k) for k in keys}, chat=True))
+def load(cfg: DemoConfig, runs=RUNS) -> Demo:
+    """The model and the page's facts, as sample.py --run loads them (without --run: the newest under runs)."""
+    settings, _ = resolve(dataclasses.replace(cfg, chat=True), runs)
     _, _, device = setup_distributed(settings.device)
     if note := busy_cores_note(device, settings.threads):
         print(f"note: {note}", file=sys.stderr)
@@ -271,10 +260,10 @@ def load(cfg: DemoConfig) -> Demo:
     ckpt = read_checkpoint(settings.adapters) if settings.adapters else {}  # read once, for the model and its run
     model, tok = load_model(settings, device, pick_dtype(settings.precision, device), ckpt or None)
     trained = ckpt.get("config") or {}
-    examples, note = example_pictures(cfg.run, tok, model, cfg.examples, settings.template)
+    examples, note = example_pictures(settings.run, tok, model, cfg.examples, settings.template)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    name = Path(cfg.run).name if cfg.run else (Path(settings.adapters).name if settings.adapters else "untrained")
+    name = Path(settings.run).name if settings.run else (Path(settings.adapters).name if settings.adapters else "untrained")
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     info = {"run": name, "bits": bits_of(model.llama), "dataset": trained.get("dataset", ""),
             "device": f"{device}{gpu}", "router": model.args.router, "visual": model.args.visual}

@@ -342,20 +342,22 @@ def check_official_args(ns, args: LaVINArgs, path):
 
 # ----------------------------------------------------------------------------- presets
 
-LLAMA_PRESETS = {  # Meta's params.json of each size (vocab from the tokenizer: 32000)
+# The architectures LaVIN is built in: the LLaMA size and the adapter settings (config.PRESETS, the
+# paper's training recipes, says which one each recipe trains).
+LLAMA_SIZES = {  # Meta's params.json of each size (vocab from the tokenizer: 32000)
     "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
     "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
 }
 VIT_L14 = dict(resolution=224, patch_size=14, width=1024, layers=24, output_dim=768)
-PRESETS = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B", LaVINArgs(temperature=5.0))}
+ARCHITECTURES = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B", LaVINArgs(temperature=5.0))}
 
 
-def build_preset(name: str, device="meta", args: LaVINArgs | None = None) -> LaVIN:
-    """A LaVIN preset built from configs alone (on the meta device: no memory, no files); args
-    replaces the preset's adapter settings."""
-    size, preset_args = PRESETS[name]
+def build_architecture(name: str, device="meta", args: LaVINArgs | None = None) -> LaVIN:
+    """One of ARCHITECTURES built from configs alone (on the meta device: no memory, no files);
+    args replaces its adapter settings."""
+    size, preset_args = ARCHITECTURES[name]
     with torch.device(device):
-        llama = Llama(LLAMA_PRESETS[size])
+        llama = Llama(LLAMA_SIZES[size])
         visual = VisionTransformer(**VIT_L14)
     # Placeholder ids for "Image: " and "Image: N/A": they change no parameter count.
     return LaVIN(args or preset_args, llama, visual, [0] * 3, [0] * 5)

@@ -1,6 +1,6 @@
-"""What every entry point sets up the same way: the CPU's threads, torchrun's processes, the
-precision, Ctrl-C as a request to stop (training), and the one kind of error a user sees as a
-single line.
+"""What every entry point sets up the same way: its flags (one per field of its config dataclass),
+the CPU's threads, torchrun's processes, the precision, Ctrl-C as a request to stop (training), and
+the one kind of error a user sees as a single line.
 
 CPU threads. torch splits each op over one thread per core, and the threads meet at the end of
 it. On cores shared with other work, a partner thread that was descheduled keeps the others
@@ -12,6 +12,8 @@ rounding, so on some CPUs a run's numbers follow its thread count. Hence two pol
 2.5x when they are busy), or, by default, a thread for each core that the tasks running when the
 run starts leave free.
 """
+import argparse
+import dataclasses
 import os
 import signal
 import threading
@@ -164,6 +166,31 @@ def others_running(samples: int = 10, interval: float = 0.01) -> int:
     return sorted(counts)[len(counts) // 2] if counts else 0
 
 
+def config_parser(cls, description: str, fields=None, choices: dict | None = None, shown: dict | None = None,
+                  default_text=None) -> argparse.ArgumentParser:
+    """The command line of a config dataclass: a flag per field (or per name in `fields`), the
+    field's comment its --help. Only the flags given land in the namespace, so a caller can tell
+    them from the defaults (train.py's presets); cls(**vars(namespace)) fills in the rest. A field
+    that defaults to True is turned off by --no-NAME. choices: {field: values} that argparse checks;
+    shown: {field: values} only shown, for a caller whose own check says more. default_text(field):
+    the default as --help states it (else its value). No abbreviations: a flag is typed whole."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    helps, choices, shown = field_help(cls), choices or {}, shown or {}
+    for f in dataclasses.fields(cls):
+        if fields is not None and f.name not in fields:
+            continue
+        default = default_text(f) if default_text else repr(f.default)
+        text = f"{helps[f.name]} (default: {default})".replace("%", "%%")
+        if f.type == "bool":
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(f"--{f.name}", action=action, default=argparse.SUPPRESS, help=text)
+        else:
+            metavar = "{" + ",".join(map(str, shown[f.name])) + "}" if f.name in shown else None
+            p.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
+                           default=argparse.SUPPRESS, choices=choices.get(f.name), metavar=metavar, help=text)
+    return p
+
+
 def field_help(cls) -> dict[str, str]:
     """{field: its comment} of a dataclass whose fields are commented as `name: type = value  # text`
     (a following comment-only line continues the text): the --help of each flag."""
@@ -172,6 +199,8 @@ def field_help(cls) -> dict[str, str]:
     import tokenize
 
     helps, last = {}, None
+    if dataclasses.is_dataclass(cls.__base__):  # a config built on another: the base's fields first
+        helps.update(field_help(cls.__base__))
     lines = inspect.getsource(cls).splitlines()
     for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines)).readline):
         if tok.type != tokenize.COMMENT:

@@ -13,7 +13,6 @@ preds.json, results.json and outputs.json and prints the table); this file is th
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -31,18 +30,20 @@ from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from quant import bits_of
 from router import IMAGE, TEXT
-from runtime import UsageError, busy_cores_note, field_help, pick_dtype, plain_warnings, setup_distributed, use_compile
+from runtime import UsageError, busy_cores_note, config_parser, pick_dtype, plain_warnings, setup_distributed, use_compile
 
 
 @dataclass
 class SampleConfig:
     # the weights
-    run: str = ""  # a train.py output_dir: its adapters.pth, and every path below not given from its config
+    run: str = ""  # a train.py output_dir: its adapters.pth, and every path below not given from its config;
+    #                "" and no --llama_path/--clip_path: the newest run under out/
     llama_path: str = ""  # LLaMA folder (Meta's or Hugging Face's layout)
     clip_path: str = ""  # OpenAI CLIP checkpoint (ViT-L-14.pt)
     adapters: str = ""  # our adapters.pth or the official checkpoint-19.pth; "" = untrained (the plain backbones)
     # one prompt, or a chat
-    image: str = ""  # an image file; "" = text only (the router takes the text path)
+    image: str = ""  # an image file; "" = text only (the router takes the text path). Without --prompt: a chat
+    #                  about it (a caption run captions it; a ScienceQA/shapes run reads its training format)
     prompt: str = ""  # the two characters \n become a newline
     chat: bool = False  # a conversation about --image in the terminal (also: --image without --prompt)
     template: str = "auto"  # raw: the prompt as typed | instruction: "Instruction: {prompt}\nResponse:"
@@ -78,21 +79,6 @@ CHOICES = {"dataset": ("", *data.EVAL_DATASETS), "template": ("auto", "raw", "in
 
 # ----------------------------------------------------------------------------- the command line
 
-def parse_flags(cls, description: str, choices: dict, argv=None):
-    """An instance of the config dataclass cls from the command line: a flag per field, its
-    comment the help (demo.py parses its own config this way too)."""
-    p = argparse.ArgumentParser(description=description)
-    helps = field_help(cls)
-    for f in dataclasses.fields(cls):
-        text = f"{helps[f.name]} (default: {f.default!r})".replace("%", "%%")
-        if f.type == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            p.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type],
-                           default=f.default, choices=choices.get(f.name), help=text)
-    return cls(**vars(p.parse_args(argv)))
-
-
 def check_at_least(cfg, lows: dict):
     """Each named field at least its low; top_p in (0, 1]."""
     for name, low in lows.items():
@@ -105,7 +91,8 @@ def check_at_least(cfg, lows: dict):
 
 def make_config(argv=None) -> SampleConfig:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_flags(SampleConfig, "Ask a trained LaVIN about an image, chat with it, or evaluate it.", CHOICES, argv)
+    p = config_parser(SampleConfig, "Ask a trained LaVIN about an image, chat with it, or evaluate it.", choices=CHOICES)
+    cfg = SampleConfig(**vars(p.parse_args(argv)))
     if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
         raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
     check_at_least(cfg, {"max_new_tokens": 1, "batch_size": 1, "temperature": 0, "threads": 0})
@@ -139,9 +126,25 @@ def lavin_args(ckpt: dict | None) -> LaVINArgs:
     return LaVINArgs(**named, adapter_mlp=getattr(ns, "adapter_type", "attn") == "block")
 
 
-def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
-    """(the config with every default filled in, the mode: prompt | chat | eval)."""
+RUNS = "out"  # where train.py writes its runs by default
+
+
+def newest_run(root=RUNS) -> str:
+    """The train.py output_dir under root whose adapters.pth was written last; "" if none."""
+    found = sorted(Path(root).glob("*/adapters.pth"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent) if found else ""
+
+
+def resolve(cfg: SampleConfig, runs=RUNS) -> tuple[SampleConfig, str]:
+    """(the config with every default filled in, the mode: prompt | chat | eval). Without --run
+    and without backbones, the newest run under `runs` (said in one line)."""
     trained_on, run = "", {}
+    if not (cfg.run or cfg.llama_path or cfg.clip_path or cfg.adapters):
+        cfg = dataclasses.replace(cfg, run=newest_run(runs))
+        if not cfg.run:
+            raise UsageError(f"no trained run under {runs}/ to talk to: train one with `python train.py --dataset "
+                             f"shapes-chat` (minutes on a laptop), or give --run OUT")
+        print(f"run: {cfg.run} (the newest under {runs}/; --run picks another)", file=sys.stderr)
     if cfg.run:
         path = Path(cfg.run) / "adapters.pth"
         if not path.is_file():
@@ -153,7 +156,9 @@ def resolve(cfg: SampleConfig) -> tuple[SampleConfig, str]:
             (("llama_path", ""), ("clip_path", ""), ("prompt_format", "QCM-ALE"), ("max_seq_len", 512),
              ("image_mode", "lavin"), ("bits", 16), ("threads", 0))}
     format_given, cfg = cfg.prompt_format, dataclasses.replace(cfg, **fill)
-    if cfg.chat or (cfg.image and not cfg.prompt):
+    if cfg.image and not cfg.prompt and not cfg.chat and trained_on in data.CAPTION_DATASETS:
+        mode, cfg = "prompt", dataclasses.replace(cfg, prompt=data.coco.CAPTION_PROMPT, template="raw")  # caption it
+    elif cfg.chat or (cfg.image and not cfg.prompt):
         mode = "chat"
     elif cfg.prompt:
         mode = "prompt"
@@ -305,6 +310,9 @@ def main(cfg: SampleConfig):
                                   world_size=world, device=device, compile=cfg.compile)
         if mode == "chat":
             print("(an empty line, Ctrl-D or Ctrl-C ends the chat)")
+            if cfg.template == "raw":  # a ScienceQA/shapes run: it knows no instructions, only its problems
+                print(r"(this run answers its training format: Question: ...\nContext: ...\nOptions: (A) ... (B) ..."
+                      r"\nResponse:  with \n typed as two characters)")
             try:
                 return converse(model, tok, cfg, image, typed_lines(), prefix="lavin> ")
             except KeyboardInterrupt:  # while it answers: the chat ends as at an empty line

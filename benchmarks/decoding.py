@@ -7,7 +7,7 @@ import data
 import generate
 from benchmarks import Report, decode_rate, random_lavin, same_tokens, shapes_model
 from evaluate import evaluate
-from lavin import LLAMA_PRESETS, VIT_L14
+from lavin import LLAMA_SIZES, VIT_L14
 from model import ModelArgs
 
 
@@ -18,7 +18,7 @@ def bench_sample(device, dtype, quick=False, big=None):
     --dataset shapes`)."""
     if (device.type != "cpu") if big is None else big:  # LaVIN-7B on a GPU
         # The static step attends to all max_seq_len slots: 640 hold the prompt's 517 and 65 new tokens.
-        args = dataclasses.replace(LLAMA_PRESETS["7B"], max_seq_len=640)
+        args = dataclasses.replace(LLAMA_SIZES["7B"], max_seq_len=640)
         return bench_sample_llama(device, dtype, args, VIT_L14, quick)
     root, model, tok = shapes_model()
     model.eval()

@@ -17,7 +17,7 @@ import quant
 from benchmarks import Report, decode_rate, measure_step, random_batches, random_lavin, same_tokens, shapes_batches, \
     shapes_model, train_flops
 from benchmarks.training import write_random_weights
-from lavin import LLAMA_PRESETS, VIT_L14, compile_blocks, llama_bytes
+from lavin import LLAMA_SIZES, VIT_L14, compile_blocks, llama_bytes
 from model import ModelArgs, load_llama
 
 
@@ -79,7 +79,7 @@ def bench_lite(device, dtype, quick=False):
     lines.append("LaVIN-lite: the frozen LLaMA (embeddings, norms and output head in bf16, the blocks' linears at "
                  "16/8/4 bits), exact from the config")
     for size in ("7B", "13B"):
-        n = {bits: llama_bytes(LLAMA_PRESETS[size], bits) for bits in (16, 8, 4)}
+        n = {bits: llama_bytes(LLAMA_SIZES[size], bits) for bits in (16, 8, 4)}
         lines.append(f"  LLaMA-{size}: 16 bits {n[16] / 1e9:.2f} GB, 8 bits {n[8] / 1e9:.2f} GB ({n[8] / n[16]:.0%}), "
                      f"4 bits (NF4) {n[4] / 1e9:.2f} GB ({n[4] / n[16]:.0%})")
     with torch.device("meta"):  # what quantizing CLIP too would save: it stays 16-bit (the official lite's choice)
@@ -115,7 +115,7 @@ def bench_lite(device, dtype, quick=False):
 def lite_training(lines: Report, size: str, device, dtype, reps: int, eager: bool):
     """LaVIN-{size}-lite with random weights: the training step with gradient checkpointing, at
     1 x 512 and 4 x 512, eager (7B) and compiled, samples/s and peak memory."""
-    args = LLAMA_PRESETS[size]
+    args = LLAMA_SIZES[size]
     model = random_lavin(device, dtype, args, VIT_L14)
     quant.quantize_(model.llama.layers, 4)  # the random bf16 weights become NF4; the 16-bit copies are freed
     torch.cuda.empty_cache()
@@ -140,7 +140,7 @@ def lite_training(lines: Report, size: str, device, dtype, reps: int, eager: boo
 def lite_decode(lines: Report, size: str, bits: int, device, dtype):
     """Decoding at batch 1 from a 512-token context over LLaMA-{size} blocks at `bits`: eager, and
     compiled (the one-token step reads the codes: quant.fused_matvec)."""
-    model = random_lavin(device, dtype, dataclasses.replace(LLAMA_PRESETS[size], max_seq_len=640), VIT_L14).eval()
+    model = random_lavin(device, dtype, dataclasses.replace(LLAMA_SIZES[size], max_seq_len=640), VIT_L14).eval()
     quant.quantize_(model.llama.layers, bits)
     torch.cuda.empty_cache()
     tag = f"  LLaMA-{size} at {bits} bits, decode, batch 1, 512-token context"

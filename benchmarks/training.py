@@ -17,7 +17,7 @@ import torch
 
 import clip
 from benchmarks import Report, measure_step, random_batches, random_lavin, shapes_batches, shapes_model, train_flops
-from lavin import LLAMA_PRESETS, VIT_L14, compile_blocks
+from lavin import LLAMA_SIZES, VIT_L14, compile_blocks
 from model import Llama, ModelArgs
 
 
@@ -36,7 +36,7 @@ def bench_train(device, dtype, quick=False):
         lines.append(measure_step(model, batches, f"training step, batch 32 (mean {mean:.0f} tokens)", device, dtype,
                                   reps)[0])
         return lines
-    lines.extend(bench_train_llama(device, dtype, quick, LLAMA_PRESETS["7B"], VIT_L14))  # printed
+    lines.extend(bench_train_llama(device, dtype, quick, LLAMA_SIZES["7B"], VIT_L14))  # printed
     return lines
 
 
@@ -148,7 +148,7 @@ def bench_e2e(device, dtype, quick=False, steps: int = 0):
     from data import shapes
 
     if device.type == "cuda":
-        args, vit, size, steps = LLAMA_PRESETS["7B"], VIT_L14, "LaVIN-7B", steps or 24
+        args, vit, size, steps = LLAMA_SIZES["7B"], VIT_L14, "LaVIN-7B", steps or 24
     else:
         args, vit, size, steps = ModelArgs(dim=256, n_layers=4, n_heads=4, vocab_size=32000, multiple_of=256,
                                            norm_eps=1e-6), dict(resolution=224, patch_size=14, width=128, layers=8,

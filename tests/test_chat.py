@@ -196,7 +196,7 @@ def test_chat_flags_and_presets(chat_set, tmp_path):
         train.resolve(train.make_config(["--dataset", "shapes-chat", "--instruct_mode", "chat"])[0])
     c13 = train.resolve(train.make_config(["--preset", "chatbot-13b", "--dataset", "instruct"])[0])
     assert (c13.llama_path, c13.temperature, c13.epochs, c13.warmup_epochs) == ("weights/vicuna-13b", 5.0, 15, 0.2)
-    assert c13.coco_root == "data/instruct/train2014" and PRESETS["chatbot-7b"]["temperature"] == 10.0
+    assert c13.coco_root == "data/instruct/train2014" and PRESETS["chatbot-7b"].flags["temperature"] == 10.0
     bad = train.make_config(["--dataset", "shapes-chat", "--data_path", str(chat_set),
                              "--coco_root", str(tmp_path / "coco"), "--output_dir", str(tmp_path / "o")])[0]
     with pytest.raises(UsageError, match=f"no COCO train2014 folder at {tmp_path / 'coco'}.*--coco_root"):

@@ -437,4 +437,6 @@ def test_flags_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(sample.UsageError, match=f"--run {tmp_path}: no adapters.pth there"):
         demo.load(demo.make_config(["--run", str(tmp_path)]))
     with pytest.raises(sample.UsageError, match="give --llama_path and --clip_path, or --run"):
-        demo.load(demo.make_config([]))
+        demo.load(demo.make_config(["--llama_path", str(tmp_path)]))
+    with pytest.raises(sample.UsageError, match=r"no trained run under .*: train one with `python train.py --dataset"):
+        demo.load(demo.make_config([]), runs=tmp_path)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from adapter import GroupedLinear, MMAdapter, fold_adapter, trainable_state_dict
 from clip import VisionTransformer
-from lavin import IGNORE_INDEX, LaVIN, LaVINArgs, build_preset, load_adapters, save_adapters
+from lavin import IGNORE_INDEX, LaVIN, LaVINArgs, build_architecture, load_adapters, save_adapters
 from model import Llama, ModelArgs
 from router import IMAGE, TEXT, Router
 from tests.checkpoints import random_state
@@ -101,9 +101,9 @@ def test_fold_adapter_into_linear():
 
 def test_lavin_7b_and_13b_trainable_counts_match_the_paper():
     for name, n in (("lavin-7b", 3_781_296), ("lavin-13b", 5_390_080)):  # paper: 3.8M and 5.4M
-        model = build_preset(name)
+        model = build_architecture(name)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n
-    frozen = sum(p.numel() for p in build_preset("lavin-7b").parameters() if not p.requires_grad)
+    frozen = sum(p.numel() for p in build_architecture("lavin-7b").parameters() if not p.requires_grad)
     assert frozen == 6_738_415_616 + 303_966_208  # LLaMA-7B + ViT-L/14's vision tower
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import quant
-from lavin import LLAMA_PRESETS, LaVINArgs, llama_bytes, load_adapters, load_lavin, save_adapters
+from lavin import LLAMA_SIZES, LaVINArgs, llama_bytes, load_adapters, load_lavin, save_adapters
 from model import Llama, ModelArgs, load_llama
 from quant import QuantLinear
 from tests.checkpoints import random_state, train_tokenizer, write_hf, write_meta
@@ -225,7 +225,7 @@ def test_no_full_precision_copy_is_kept_between_calls():
 
 def test_bytes_of_the_7b_llama_are_exact():
     """From the config alone: the blocks' 7 linears at 4.127 bits a weight, the rest in bf16."""
-    a = LLAMA_PRESETS["7B"]
+    a = LLAMA_SIZES["7B"]
     per_layer = [4096 * 4096] * 4 + [4096 * 11008] * 3
     rest = 2 * (2 * 32000 * 4096 + 4096 * (2 * 32 + 1))  # embeddings, output head, norms
 

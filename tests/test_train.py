@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def config(tiny_set, out, **kw) -> TrainConfig:
     """The shapes preset, shrunk: 24 training samples, 3 steps of 8 per epoch."""
-    base = dict(PRESETS["shapes"], preset="shapes", data_path=str(tiny_set), output_dir=str(out), epochs=2,
+    base = dict(PRESETS["shapes"].flags, preset="shapes", data_path=str(tiny_set), output_dir=str(out), epochs=2,
                 batch_size=4, effective_batch=8, skip_eval=True)
     return TrainConfig(**{**base, **kw})
 
