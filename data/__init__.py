@@ -1,4 +1,5 @@
-"""Data for LaVIN: one entry point for the three datasets the training loop knows.
+"""Data for LaVIN: one entry point for the six datasets the training loop knows (three real ones,
+each with a synthetic twin in its format).
 
     build_dataset("scienceqa", root, split, tokenizer)  ScienceQA release (paper, Table 1)
     build_dataset("shapes", root, split, tokenizer)     synthetic set in ScienceQA's layout,
@@ -8,12 +9,13 @@
     build_dataset("coco", root, "train", tokenizer)     COCO captions, Karpathy's split (train + restval)
     build_dataset("shapes-coco", root, "train", tok)    synthetic set in its format, same reader
         │
-        ▼  scienceqa.load_samples / instruct.load_samples -> [Sample] (validated up front)
+        ▼  scienceqa / instruct / coco .load_samples -> [Sample] (validated up front)
     batching.TokenizedDataset: items {"pid", "tokens", "labels", "image" | None};
         .lengths for LengthGroupedBatchSampler, .collate for the DataLoader (batch fields in
         data/batching.py)
 
-    # reserve: positions the model adds itself ("Image: " tokens, 6 visual tokens, modality token)
+    # reserve: positions the model inserts after BOS (LaVIN.n_inserted: "Image: " and 6 visual tokens,
+    # or "Image: N/A"; the modality token is not in the sequence)
     ds = build_dataset("scienceqa", None, "train", tokenizer, max_seq_len=512, reserve=n_extra)
     sampler = LengthGroupedBatchSampler(ds.lengths, 4, rank=rank, world_size=world, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)

@@ -2,8 +2,8 @@
 
 LaVIN trains with the plain next-token loss on the answer only (paper, section 3,
 "Mixture-of-Modality Training"); image and text-only samples share one batch and a per-sample
-indicator picks the modality token. The dataset modules (scienceqa.py, instruct.py) turn their
-files into `Sample`s; everything after that lives here:
+indicator picks the modality token. The dataset modules (scienceqa.py, instruct.py, coco.py)
+turn their files into `Sample`s; everything after that lives here:
 
     Sample(pid, turns=((prompt, target), ...), image=path | None)
         │  encode_turns: per turn tokenizer.encode(prompt + target, bos=first turn, eos=True),
@@ -81,7 +81,8 @@ class TokenizedDataset(Dataset):
     truncation is counted and reported when the dataset is opened, not mid-training.
 
     max_seq_len caps the whole sequence the model sees; `reserve` of those positions belong to
-    what the model inserts itself (e.g. "Image: " + 6 visual tokens + the modality token), so
+    what the model inserts after BOS (LaVIN.n_inserted: "Image: " + 6 visual tokens, or "Image: N/A";
+    the modality token is not in the sequence), so
     text gets max_seq_len - reserve. Images are read lazily in __getitem__ (DataLoader workers).
     image_loader(path) -> (3, R, R) tensor replaces clip.load_image + clip.preprocess (tests).
     """
