@@ -164,13 +164,18 @@ def bench_clip(device, dtype, quick=False):
     return lines
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=["llama", "clip", "train", "sample", "e2e", "lite"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--compare-hf", action="store_true")
-    a = p.parse_args()
+    return p
+
+
+def main():
+    a = parser().parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

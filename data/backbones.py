@@ -398,7 +398,8 @@ def build_in(out: Path, seed: int, lm_steps: int, clip_steps: int, quiet: bool, 
     return build_vicuna(out, seed, vicuna_steps, quiet, vicuna_eval)  # from the llama/ just written; adds its scores
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(shapes.BACKBONES), help="output folder (must not exist)")
     ap.add_argument("--seed", type=int, default=0)
@@ -407,7 +408,11 @@ def main(argv=None):
     ap.add_argument("--vicuna-steps", type=int, default=VICUNA_STEPS, help="tiny Vicuna AdamW steps")
     ap.add_argument("--add-vicuna", action="store_true",
                     help="only (re)make vicuna/ from the tokenizer and llama/ already in --out")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     t0 = time.time()
     if args.add_vicuna:
         shutil.rmtree(Path(args.out) / "vicuna", ignore_errors=True)

@@ -181,13 +181,18 @@ class Evaluation:
         return format_table(result, self.split)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description="BLEU-1..4 and CIDEr-D of captions, as the coco-caption toolkit.")
     ap.add_argument("--data", required=True, help="the folder of dataset_coco.json (Karpathy's split)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--preds", required=True, help='JSON {"<cocoid>": "caption"}')
     ap.add_argument("--out", help="write results.json here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     preds = load_json(args.preds)
     if not isinstance(preds, dict):
         raise DataError(f"{args.preds}: expected an object cocoid -> caption")

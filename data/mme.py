@@ -188,12 +188,17 @@ class Evaluation:
         return format_table(result)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description="Score MME responses: acc, acc+, perception and cognition.")
     ap.add_argument("--data", required=True, help="the MME release folder (one folder per subtask)")
     ap.add_argument("--preds", required=True, help='JSON {"<subtask>/<image file name>": [response, response]}')
     ap.add_argument("--out", help="write results.json here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
     preds = load_json(args.preds)
     if not isinstance(preds, dict):
         raise DataError(f"{args.preds}: expected an object '<subtask>/<image file name>' -> [response, response]")

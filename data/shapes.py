@@ -352,13 +352,18 @@ def ensure(root="data/shapes", **kwargs) -> Path:
     return root
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="data/shapes", help="output folder (replaced if it holds a set)")
     ap.add_argument("--n", type=int, default=N_PROBLEMS, help="number of problems (at least 54)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backbones", default=str(BACKBONES), help="folder of the tiny backbones to copy")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     generate(args.root, args.n, args.seed, args.backbones)
 
 

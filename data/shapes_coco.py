@@ -82,11 +82,16 @@ def ensure(root="data/shapes-coco", **kwargs) -> Path:
     return Path(root)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="data/shapes-coco", help="output folder (replaced if it holds a set)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     generate(args.root, args.seed)
 
 

@@ -193,13 +193,18 @@ def wrap(text: str, width: int) -> list[str]:
     return lines + [line]
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=DEFAULT_ROOT, help="ScienceQA release folder (problems.json, pid_splits.json)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--preds", required=True, help="JSON {pid: generated text} or {pid: choice index}")
     ap.add_argument("--out", help="write the table as JSON here, and preds.json next to it")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
 
     problems, splits = read_release(args.data)
     pids = split_pids(splits, args.split, args.data, problems)

@@ -53,16 +53,21 @@ def ask(driver, text: str | None = None, answers: int = 1, timeout: float = 120)
         lambda d: len(d.find_elements(By.CSS_SELECTOR, ".answer[data-done], .answer.error")) >= answers)
 
 
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default="out/shapes-chat", help="a train.py output_dir")
+    ap.add_argument("--out", default="docs/demo.png")
+    ap.add_argument("--follow_up", default="What else is in the picture?")
+    return ap
+
+
 def main(argv=None):
     import demo
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", default="out/shapes-chat", help="a train.py output_dir")
-    ap.add_argument("--out", default="docs/demo.png")
-    ap.add_argument("--follow_up", default="What else is in the picture?")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     server = demo.make_server(demo.load(demo.DemoConfig(run=args.run)), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     driver = start_chromium(1200, 900)
