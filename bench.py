@@ -166,7 +166,8 @@ def bench_clip(device, dtype, quick=False):
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=["llama", "clip", "train", "sample", "e2e", "lite"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions")

@@ -400,7 +400,7 @@ def build_in(out: Path, seed: int, lm_steps: int, clip_steps: int, quiet: bool, 
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--out", default=str(shapes.BACKBONES), help="output folder (must not exist)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm-steps", type=int, default=LM_STEPS, help="tiny LLaMA AdamW steps")

@@ -183,7 +183,8 @@ class Evaluation:
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description="BLEU-1..4 and CIDEr-D of captions, as the coco-caption toolkit.")
+    ap = argparse.ArgumentParser(description="BLEU-1..4 and CIDEr-D of captions, as the coco-caption toolkit.",
+                                 allow_abbrev=False)
     ap.add_argument("--data", required=True, help="the folder of dataset_coco.json (Karpathy's split)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--preds", required=True, help='JSON {"<cocoid>": "caption"}')

@@ -190,7 +190,8 @@ class Evaluation:
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description="Score MME responses: acc, acc+, perception and cognition.")
+    ap = argparse.ArgumentParser(description="Score MME responses: acc, acc+, perception and cognition.",
+                                 allow_abbrev=False)
     ap.add_argument("--data", required=True, help="the MME release folder (one folder per subtask)")
     ap.add_argument("--preds", required=True, help='JSON {"<subtask>/<image file name>": [response, response]}')
     ap.add_argument("--out", help="write results.json here")

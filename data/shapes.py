@@ -354,7 +354,7 @@ def ensure(root="data/shapes", **kwargs) -> Path:
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--root", default="data/shapes", help="output folder (replaced if it holds a set)")
     ap.add_argument("--n", type=int, default=N_PROBLEMS, help="number of problems (at least 54)")
     ap.add_argument("--seed", type=int, default=0)

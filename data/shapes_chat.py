@@ -206,7 +206,7 @@ def ensure(root="data/shapes-chat", **kwargs) -> Path:
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--root", default="data/shapes-chat", help="output folder (replaced if it holds a set)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pictures", type=int, default=PICTURES, help="training pictures")

@@ -195,7 +195,7 @@ def wrap(text: str, width: int) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--data", default=DEFAULT_ROOT, help="ScienceQA release folder (problems.json, pid_splits.json)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--preds", required=True, help="JSON {pid: generated text} or {pid: choice index}")

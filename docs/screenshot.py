@@ -55,7 +55,7 @@ def ask(driver, text: str | None = None, answers: int = 1, timeout: float = 120)
 
 def parser() -> argparse.ArgumentParser:
     """main's command line (tests/test_docs.py checks the docs' commands with it)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--run", default="out/shapes-chat", help="a train.py output_dir")
     ap.add_argument("--out", default="docs/demo.png")
     ap.add_argument("--follow_up", default="What else is in the picture?")

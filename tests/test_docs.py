@@ -143,8 +143,8 @@ def find_commands(path: Path) -> list[Command]:
 
 
 def exact_flags():
-    """argparse without abbreviations, while it lasts: the docs' --run must be a flag, not the
-    prefix of a renamed one that the command would still take (--run_dir)."""
+    """torch's argparse (torchrun's) without abbreviations, while it lasts: the docs spell its flags
+    out, so a renamed one cannot hide behind a prefix."""
     init = argparse.ArgumentParser.__init__
     return mock.patch.object(argparse.ArgumentParser, "__init__",
                              lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "allow_abbrev": False}))
@@ -191,16 +191,17 @@ def check_module(name: str, argv: list[str]) -> str | None:
     if name == "torch.distributed.run":
         return check_torchrun(argv)
     top = name.split(".")[0]
-    with exact_flags():  # our parsers, flags spelt out
-        if name in ENTRY:
-            return parse_or_error(ENTRY[name], argv)
-        if (ROOT / f"{top}.py").is_file() or (ROOT / top).is_dir():
-            if importlib.util.find_spec(name) is None:
-                return f"no module {name} in the repository"
-            module = importlib.import_module(name)
-            if not hasattr(module, "parser"):
-                return f"{name} has no parser() to check its flags with (its main should build it there)"
-            return parse_or_error(module.parser().parse_args, argv)
+    if name in ENTRY:  # our parsers take no abbreviations (allow_abbrev=False): the flags are spelt out
+        return parse_or_error(ENTRY[name], argv)
+    if (ROOT / f"{top}.py").is_file() or (ROOT / top).is_dir():
+        if importlib.util.find_spec(name) is None:
+            return f"no module {name} in the repository"
+        module = importlib.import_module(name)
+        if not hasattr(module, "parser"):
+            return f"{name} has no parser() to check its flags with (its main should build it there)"
+        if module.parser().allow_abbrev:
+            return f"{name}.parser() takes abbreviations: a renamed flag's old prefix would still parse"
+        return parse_or_error(module.parser().parse_args, argv)
     if top in NOT_OURS:
         return None if importlib.util.find_spec(top) else f"{top} is not installed"
     return f"no module {name}: neither the repository's nor one of {NOT_OURS}"
