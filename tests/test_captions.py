@@ -1,11 +1,10 @@
-"""Caption metrics against values worked out by hand (the arithmetic is in the comments), and the
-Karpathy-split reader's bad inputs. L below is log(2): the idf of an n-gram in one of two images."""
+"""data/captions.py: caption metrics against values worked out by hand (the arithmetic is in the
+comments), the command line, and the COCO evaluation task. L below is log(2): the idf of an n-gram in
+one of two images."""
 import json
 import math
-from pathlib import Path
 
 import pytest
-from PIL import Image
 
 import data
 from data import captions, coco
@@ -13,6 +12,7 @@ from data.captions import bleu, cider_d, tokenize
 from data.scienceqa import DataError
 from data.shapes import BACKBONES
 from model import Tokenizer
+from tests.helpers import write_karpathy
 
 
 def toks(*sentences):
@@ -107,52 +107,6 @@ def test_captions_of_unknown_images_and_empty_ones_are_named(tmp_path, capsys):
     assert got == captions.score({"1": "A red circle.", "2": ""}, coco.references_of(coco.read_karpathy(str(root)), "test"))
 
 
-# ----------------------------------------------------------------------------- the Karpathy split
-
-def write_karpathy(root: Path) -> Path:
-    entries = [("val2014", 1, "test", ["A red circle.", "a  red circle"]), ("val2014", 2, "test", ["A blue square."]),
-               ("train2014", 3, "train", ["A green star.", "A star, green."]), ("val2014", 4, "restval", ["Two cats."]),
-               ("val2014", 5, "val", ["A dog."])]
-    images = []
-    for folder, cocoid, split, sents in entries:
-        name = f"COCO_{folder}_{cocoid:012d}.jpg"
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), "red").save(root / folder / name)
-        images.append({"filepath": folder, "filename": name, "split": split, "cocoid": cocoid, "imgid": cocoid,
-                       "sentences": [{"raw": s, "tokens": tokenize(s)} for s in sents]})
-    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
-    return root
-
-
-def test_karpathy_reader(tmp_path):
-    root = write_karpathy(tmp_path / "coco")
-    samples = coco.load_samples(str(root), "train")  # train + restval, one sample per reference
-    assert [s.pid for s in samples] == ["3_0", "3_1", "4_0"]
-    assert samples[0].turns == ((coco.CAPTION_PROMPT, "A green star."),)
-    assert samples[0].image == str(root / "train2014" / "COCO_train2014_000000000003.jpg")
-    assert coco.CAPTION_PROMPT == "Instruction: Describe the image in one sentence.\nResponse:"
-    assert coco.references_of(coco.read_karpathy(str(root)), "test") == {"1": ["A red circle.", "a  red circle"],
-                                                                       "2": ["A blue square."]}
-
-
-def test_karpathy_bad_input_names_the_entry(tmp_path):
-    root = write_karpathy(tmp_path / "coco")
-    (root / "val2014" / "COCO_val2014_000000000004.jpg").unlink()
-    with pytest.raises(DataError, match="image 4: .*COCO_val2014_000000000004.jpg does not exist"):
-        coco.load_samples(str(root), "train")
-    release = json.loads((root / "dataset_coco.json").read_text())
-    release["images"][1]["sentences"] = []
-    (root / "dataset_coco.json").write_text(json.dumps(release))
-    with pytest.raises(DataError, match="dataset_coco.json: image 2: needs a non-empty list of sentences"):
-        coco.read_karpathy(str(root))
-    release["images"][1]["sentences"], release["images"][0]["split"] = [{"raw": "x"}], "testing"
-    (root / "dataset_coco.json").write_text(json.dumps(release))
-    with pytest.raises(DataError, match="image 1: unknown split 'testing'"):
-        coco.read_karpathy(str(root))
-    with pytest.raises(DataError, match="unknown split 'restval': use train"):
-        coco.images_of([], "restval")
-
-
 def test_coco_evaluation_task(tmp_path):
     root = write_karpathy(tmp_path / "coco")
     task = data.evaluation("coco", str(root), "test", Tokenizer(BACKBONES / "tokenizer.model"), resolution=16)
@@ -160,33 +114,3 @@ def test_coco_evaluation_task(tmp_path):
     result, files = task.score({"1": "A red circle.\nMore", "2": "A blue square."})
     assert files["preds.json"] == {"1": "A red circle.", "2": "A blue square."}
     assert result["BLEU-1"] == pytest.approx(100.0) and result["dataset"] == "coco"
-
-
-# ----------------------------------------------------------------------------- the shapes-coco set and a run
-
-def test_caption_run_end_to_end(tmp_path):
-    import sample
-    import train
-    from data import shapes_coco
-
-    root = shapes_coco.generate(tmp_path / "shapes-coco", quiet=True)
-    images = coco.read_karpathy(str(root))  # the reader's own checks pass on the written file
-    assert {e["split"] for e in images} == {"train", "restval", "val", "test"}
-    assert all(len(e["sentences"]) == 5 and len({s["raw"] for s in e["sentences"]}) == 5 for e in images)
-    out = tmp_path / "run"
-    # the issue's command: the real format's reader and preset, the set's own tiny backbones
-    cfg, _ = train.make_config(["--dataset", "coco", "--data_path", str(root), "--max_steps", "2",
-                                "--eval_split", "val", "--output_dir", str(out)])
-    assert train.resolve(cfg).llama_path == f"{root}/vicuna" and cfg.preset == "caption"
-    result = train.main(cfg)
-    assert result["steps"] == 2 and result["eval"]["images"] == shapes_coco.SPLIT_SIZES["val"]
-    written = json.loads((out / "results.json").read_text())
-    assert written == result["eval"] and set(written) >= {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
-    preds = json.loads((out / "preds.json").read_text())
-    assert len(preds) == 100 and all(isinstance(v, str) for v in preds.values())
-    # the scores of the file sample.py wrote, read back by the command line, are the run's
-    assert captions.main(["--data", str(root), "--split", "val", "--preds", str(out / "preds.json")]) == \
-        {k: v for k, v in written.items() if k not in ("dataset", "split", "decode_steps_per_problem",
-                                                        "reference_steps_per_problem", "early_stop")}
-    cfg, mode = sample.resolve(sample.SampleConfig(run=str(out), split="val"))
-    assert (mode, cfg.dataset, cfg.data_path, cfg.output_dir) == ("eval", "coco", str(root), f"{out}/eval-val")

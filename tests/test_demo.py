@@ -25,44 +25,11 @@ import demo
 import sample
 from generate import generate
 from router import IMAGE, TEXT
+from tests.helpers import Paced, chat, events, request, serve, user
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def request(site, method, path, body=None, headers=None, timeout=60):
-    """(status, content type, body bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=timeout)
-    if isinstance(body, dict):
-        body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
-    conn.request(method, path, body, headers or {})
-    res = conn.getresponse()
-    out = res.status, res.getheader("Content-Type"), res.read()
-    conn.close()
-    return out
-
-
-def events(body: bytes) -> list:
-    """The data of each server-sent event, comments left out."""
-    return [json.loads(block[len("data: "):]) for block in body.decode().split("\n\n")
-            if block.startswith("data: ")]
-
-
-def chat(site, messages, image=None, **fields):
-    """(the stream's tokens, the done event) of one answer."""
-    body = {"image": base64.b64encode(Path(image).read_bytes()).decode() if image else None,
-            "messages": messages, **fields}
-    status, kind, raw = request(site, "POST", "/api/chat", body)
-    assert (status, kind) == (200, "text/event-stream; charset=utf-8"), raw
-    evs = events(raw)
-    assert evs[-1]["done"] and all(set(e) == {"token"} for e in evs[:-1])
-    return [e["token"] for e in evs[:-1]], evs[-1]
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-# ----------------------------------------------------------------------------- answers
 
 def test_streamed_answer_is_sample_pys_greedy_answer(site):
     for image in (site.picture, None):
@@ -159,8 +126,6 @@ def test_routing_is_the_routers_formula_per_layer(site):
     assert text_only["routing"]["clip"] == []  # no picture: CLIP does not run
 
 
-# ----------------------------------------------------------------------------- what the page needs
-
 def test_info_page_and_example_pictures(site):
     status, kind, raw = request(site, "GET", "/api/info")
     info = json.loads(raw)
@@ -180,8 +145,6 @@ def test_info_page_and_example_pictures(site):
     assert b"http://" not in page and b"https://" not in page and b"src=\"//" not in page  # nothing from outside
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
 
-
-# ----------------------------------------------------------------------------- a steady server
 
 def png_header(width, height) -> bytes:
     """A PNG of the given size without pixel data: Pillow reads the size before anything else."""
@@ -325,23 +288,6 @@ def test_twelve_clients_eight_wait_four_are_turned_away_none_hangs(site):
     assert all(r.startswith(b": waiting for the model\n\n") for s, r in results if s == 200)  # a comment: skipped
     answered = [events(r)[-1] for s, r in results if s == 200]
     assert len(answered) == demo.QUEUE and len({a["text"] for a in answered}) == 1 and answered[0]["done"]
-
-
-class Paced(demo.Demo):
-    """The real model, its pieces sent 0.1 s apart (the tiny model answers in milliseconds), each
-    one also kept in `sent`."""
-
-    def answer(self, job, send, still_there):
-        self.sent = []
-        return super().answer(job, lambda piece: (time.sleep(0.1), self.sent.append(piece), send(piece)), still_there)
-
-
-def serve(kind, d: demo.Demo):
-    """Another server over the same model, with a Demo of another kind."""
-    other = kind(d.model, d.tok, d.settings, d.info, d.examples)
-    server = demo.make_server(other)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, other
 
 
 def raw_chat(port, body: dict, linger=False) -> socket.socket:

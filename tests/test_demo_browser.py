@@ -1,13 +1,14 @@
 """demo.html in a real browser: headless Chromium (Debian's chromium and chromium-driver) driven by
 selenium through the page as a person uses it, against demo.py's server over the tiny chat run of
-test_demo.py. Skipped, saying how to install them, where there is no browser (.ci/run installs one)."""
+conftest.py's `site`. Skipped, saying how to install them, where there is no browser (.ci/run installs one)."""
 import time
 
 import pytest
 
 import demo
 from docs.screenshot import INSTALL, ask, find_chromium, start_chromium
-from tests.test_demo import Paced, chat, serve, user  # Paced: the real model, slow enough to watch it stream
+from tests.helpers import Paced, chat, serve, user
+
 
 try:
     import selenium  # noqa: F401

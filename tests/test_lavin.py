@@ -1,4 +1,4 @@
-"""The mixture-of-modality adapters, the router and the LaVIN assembly (adapter.py, router.py, lavin.py)."""
+"""The LaVIN assembly (lavin.py): the inserted tokens, the loss, routing, folding, checkpoints, ablations."""
 import argparse
 import copy
 
@@ -6,98 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapter import GroupedLinear, MMAdapter, fold_adapter, trainable_state_dict
-from clip import VisionTransformer
-from lavin import IGNORE_INDEX, LaVIN, LaVINArgs, build_architecture, load_adapters, save_adapters
-from model import Llama, ModelArgs
-from router import IMAGE, TEXT, Router
-from tests.checkpoints import random_state
+from adapter import trainable_state_dict
+from lavin import IGNORE_INDEX, build_architecture, load_adapters, save_adapters
+from router import IMAGE, TEXT
+from tests.helpers import PREFIX_IMG, PREFIX_TXT, batch, official_checkpoint, tiny_lavin
 
-PREFIX_IMG, PREFIX_TXT = [7, 8, 9], [7, 8, 10, 11]  # stand-ins for "Image: " / "Image: N/A"
-
-
-def tiny_lavin(seed=0, randomize_adapters=True, **kw):
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32)
-    llama = Llama(args)
-    llama.load_state_dict(random_state(args, seed))
-    visual = VisionTransformer(resolution=32, patch_size=8, width=64, layers=8, output_dim=16)
-    model = LaVIN(LaVINArgs(**kw), llama, visual, PREFIX_IMG, PREFIX_TXT)
-    if randomize_adapters:  # zero-initialised up-projections would hide every routing effect
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "adapter" in name and (".conv_B." in name or ".conv_D." in name):
-                    p.normal_(0, 0.3)
-    return model.eval()
-
-
-def batch(B=3, T=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(13, 50, (B, T), generator=g)
-    tokens[:, 0] = 1  # BOS
-    images = torch.randn(B, 3, 32, 32, generator=g)
-    ind = torch.tensor([1, 0, 1][:B])
-    labels = tokens.clone()
-    labels[:, :3] = IGNORE_INDEX  # the prompt
-    return tokens, images, ind, labels
-
-
-# ------------------------------------------------------------------------------- adapter, router
-
-def test_grouped_linear_is_a_grouped_kernel_1_conv1d():
-    lin = GroupedLinear(8, 64, groups=2)
-    torch.nn.init.normal_(lin.weight)
-    torch.nn.init.normal_(lin.bias)
-    x = torch.randn(3, 5, 8)
-    want = F.conv1d(x.transpose(1, 2), lin.weight[..., None], lin.bias, groups=2).transpose(1, 2)
-    assert torch.allclose(lin(x), want, atol=1e-5)
-
-
-def test_mm_adapter_against_float64_formula():
-    ad = MMAdapter(16, hidden=4, groups=2, scale=0.7, temperature=5.0).eval()
-    for p in ad.parameters():
-        torch.nn.init.normal_(p)
-    x = torch.randn(2, 3, 16, dtype=torch.float64)
-    sd = {k: v.double() for k, v in ad.state_dict().items()}
-    logits = x @ sd["expert_weights.weight"].T + sd["expert_weights.bias"]
-    w = torch.exp(logits / 5.0) / torch.exp(logits / 5.0).sum(-1, keepdim=True)  # per token
-    h = x @ sd["conv_A.weight"].T + sd["conv_A.bias"]  # (2, 3, 4)
-    up = []
-    for name in ("conv_B", "conv_D"):  # group g: outputs 8g..8g+7 read hidden 2g..2g+1
-        W = sd[f"{name}.weight"]
-        out = torch.cat([h[..., 2 * g:2 * g + 2] @ W[8 * g:8 * g + 8].T for g in range(2)], -1)
-        up.append(out + sd[f"{name}.bias"])
-    want = x + 0.7 * (w[..., :1] * up[0] + w[..., 1:] * up[1])
-    assert torch.allclose(ad.double()(x), want, rtol=0, atol=1e-10)
-
-
-def test_zero_initialised_adapter_is_the_identity():
-    ad = MMAdapter(16)
-    x = torch.randn(2, 3, 16)
-    assert torch.equal(ad(x), x)
-
-
-def test_router_weights_sum_to_one_and_soften_with_temperature():
-    r = Router(16, temperature=10.0)
-    t = torch.randn(4, 16) * 5
-    w = r(t)
-    assert w.shape == (4, 2) and torch.allclose(w.sum(-1), torch.ones(4))
-    logits = t @ r.weight.T + r.bias
-    assert torch.allclose(w, torch.softmax(logits / 10.0, -1))
-
-
-def test_fold_adapter_into_linear():
-    ad = MMAdapter(16, hidden=4, scale=1.3).eval()
-    for p in ad.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    lin = torch.nn.Linear(16, 24)
-    w = torch.tensor([0.3, 0.7])
-    W, b = fold_adapter(ad, w, lin.weight, lin.bias)
-    x = torch.randn(5, 16)
-    assert torch.allclose(x @ W.T + b, lin(ad(x, w.expand(5, 2))), atol=1e-4)
-
-
-# ------------------------------------------------------------------------------- LaVIN
 
 def test_lavin_7b_and_13b_trainable_counts_match_the_paper():
     for name, n in (("lavin-7b", 3_781_296), ("lavin-13b", 5_390_080)):  # paper: 3.8M and 5.4M
@@ -253,33 +166,6 @@ def test_save_and_load_own_checkpoint(tmp_path):
     load_adapters(other, tmp_path / "ckpt.pth")
     tokens, images, ind, _ = batch()
     assert torch.equal(other(tokens, images, ind), model(tokens, images, ind))
-
-
-def official_checkpoint(model, dim=64, width=64, hidden=8, groups=2, seed=3, args=None):
-    """The released layout: DDP names, Conv1d kernels (out, in/groups, 1), a pickled Namespace."""
-    g = torch.Generator().manual_seed(seed)
-
-    def adapter(prefix, d):
-        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-        return {f"{prefix}.conv_A.weight": r(hidden, d, 1), f"{prefix}.conv_A.bias": r(hidden),
-                f"{prefix}.conv_B.weight": r(d, hidden // groups, 1), f"{prefix}.conv_B.bias": r(d),
-                f"{prefix}.conv_D.weight": r(d, hidden // groups, 1), f"{prefix}.conv_D.bias": r(d),
-                f"{prefix}.expert_weights.weight": r(2, d), f"{prefix}.expert_weights.bias": r(2)}
-
-    state = {}
-    for i in range(2):
-        state.update(adapter(f"module.layers.{i}.adapter_attn", dim))
-    for i in range(8):
-        state.update(adapter(f"module.backbone.visual.transformer.resblocks.{i}.adapter_attn", width))
-    state.update({"module.adapter_proj.conv_A.weight": torch.randn(128, width, generator=g),
-                  "module.adapter_proj.conv_A.bias": torch.randn(128, generator=g),
-                  "module.adapter_proj.conv_B.weight": torch.randn(dim, 128, generator=g),
-                  "module.adapter_proj.conv_B.bias": torch.randn(dim, generator=g),
-                  "module.adapter_modality_embedding.weight": torch.randn(2, dim, generator=g)})
-    ns = args or argparse.Namespace(adapter_dim=hidden, temperature=10.0, hidden_proj=128,
-                                    adapter_type="attn", visual_adapter_type="router",
-                                    adapter_scale=1.0, llm_model="7B", max_seq_len=512)
-    return {"model": state, "epoch": 19, "args": ns}
 
 
 def test_import_official_checkpoint(tmp_path):

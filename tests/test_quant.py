@@ -1,7 +1,9 @@
 """quant.py (LaVIN-lite): NF4 with double quantization and int8, against naive references written
-here in float64 loops; the quantized LLaMA loaded, trained and sampled at 4 and 8 bits."""
+here in float64 loops; the quantized LLaMA loaded, trained and sampled at 4 and 8 bits, and
+compiled: the codes, never a dequantized weight, kept for the backward and read by a decode step."""
 import argparse
 import math
+import types
 import warnings
 
 import numpy as np
@@ -11,10 +13,10 @@ import torch.nn.functional as F
 
 import quant
 from lavin import LLAMA_SIZES, LaVINArgs, llama_bytes, load_adapters, load_lavin, save_adapters
-from model import Llama, ModelArgs, load_llama
+from model import Llama, load_llama
 from quant import QuantLinear
-from tests.checkpoints import random_state, train_tokenizer, write_hf, write_meta
-from tests.test_lavin import batch, official_checkpoint, tiny_lavin
+from tests.helpers import batch, lite, official_checkpoint, random_state, tiny_args, tiny_lavin, write_hf, write_meta
+
 
 # QLoRA (Dettmers et al. 2023), appendix E: the 16 values of NF4, as published.
 QLORA_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -241,22 +243,13 @@ def test_bytes_of_the_7b_llama_are_exact():
 
 # ----------------------------------------------------------------------------- loading
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
-
-
-def tiny_args(vocab):
-    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=32)
-
-
 @pytest.mark.parametrize("layout", ["meta-2-shards", "hf"])
 def test_load_llama_quantizes_as_the_weights_stream_in(tmp_path, tokenizer_path, layout):
     """The loaded codes are those of the whole fp16 weight, merged from its shards (or un-permuted
     from HF's layout), quantized from the file's own precision; the rest is in the asked dtype."""
     from model import Tokenizer
 
-    args = tiny_args(Tokenizer(tokenizer_path).n_words)
+    args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words)
     state = {k: v.half() for k, v in random_state(args).items()}
     if layout == "hf":
         write_hf(tmp_path, args, state)
@@ -282,16 +275,10 @@ def test_bad_bits():
     with pytest.raises(ValueError, match="4 or 8"):
         QuantLinear(64, 64, bits=3)
     with pytest.raises(ValueError, match="16, 8 or 4"):
-        quant.quantize_(Llama(tiny_args(50)).layers, 3)
+        quant.quantize_(Llama(tiny_args(vocab_size=50)).layers, 3)
 
 
 # ----------------------------------------------------------------------------- LaVIN-lite
-
-def lite(bits, **kw):
-    model = tiny_lavin(seed=0, **kw)
-    quant.quantize_(model.llama.layers, bits)
-    return model
-
 
 def test_only_adapters_train_and_get_gradients_at_4_bits_with_checkpointing():
     tokens, images, ind, labels = batch()
@@ -370,6 +357,81 @@ def test_an_official_lite_checkpoint_at_16_bits_warns(tmp_path):
     torch.save(official_checkpoint(model, args=argparse.Namespace(**{**vars(ns), "bits": "8bit"})), tmp_path / "c8.pth")
     with pytest.warns(UserWarning, match=r"LLM.int8\(\) LLaMA \(the official --bits 8bit\)"):
         load_adapters(lite(8), tmp_path / "c8.pth")  # our int8 is weight-only: not the same backbone
+
+
+# ----------------------------------------------------------------------------- compiled
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_compiled_lite_block_saves_no_dequantized_weight_for_the_backward(bits):
+    """What a compiled block's forward graph hands its backward, as inductor partitions it (the
+    min-cut partitioner; no kernels are generated here): the codes, never a 16-bit weight. Traced
+    as QuantMatmul, the two dequantizations merged and the weight was saved, in every layer of
+    every block, gradient checkpointing or not (LaVIN-7B-lite on a GPU: +11.6 GiB)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    saved = []
+
+    def forward_graph(gm, example_inputs):  # its outputs: the block's, then what the backward keeps
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.append([n.meta["val"] for n in outputs if hasattr(n, "meta") and "val" in n.meta])
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=lambda gm, _: gm.forward,
+                           partition_fn=min_cut_rematerialization_partition)
+    for checkpointing in (False, True):
+        torch._dynamo.reset()
+        saved.clear()
+        model = lite(bits, adapter_dropout=0.0).train()
+        model.llama.grad_checkpointing = checkpointing
+        sizes = {m.in_features * m.out_features for m in model.llama.modules() if isinstance(m, quant.QuantLinear)}
+        for block in model.llama.layers:
+            block.compile(backend=backend)
+        tokens, images, ind, labels = batch()  # activations of 3 x 7 x 64: no weight's size
+        model(tokens, images, ind, labels).backward()
+        assert len(saved) >= 1 and all(any(t.dtype in (torch.uint8, torch.int8) for t in s) for s in saved)
+        full = [tuple(t.shape) for s in saved for t in s if t.is_floating_point() and t.numel() in sizes]
+        assert full == [], f"saved for the backward, the size of a weight: {full}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decoding_compiled_reads_the_codes_and_gives_the_dequantized_matmul(bits):
+    """A decode step's row without gradients, compiled: quant.fused_matvec, whose sums over the
+    codes inductor fuses into kernels that write no buffer of the weight's size (the one
+    dequantized weight would be 96 x 256). The result is x W^T to fp32 rounding (float64 reference)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    layer = quant.QuantLinear.from_weight(torch.randn(96, 256, generator=torch.Generator().manual_seed(0)), bits)
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ layer.dequantize(torch.float64).t()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, code = run_and_get_code(torch.compile(layer), x)
+        eager = quant.fused_matvec(x, (96, 256), *layer.buffers_in_order())
+    tolerance = 1e-5 * want.abs().max().item()  # fp32 sums of 256 products, in any order
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance)
+    torch.testing.assert_close(eager.double(), want, rtol=0, atol=tolerance)
+    buffers = [math.prod(int(d) for d in re.findall(r"\d+", shape))
+               for shape in re.findall(r"empty_strided\w*\(\(([\d, ]*)\)", "\n".join(code))]
+    assert buffers and max(buffers) < 96 * 256 // 2, buffers  # the largest: the output's or the partial sums'
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on the CPU
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compiled_fused_decode_gives_the_eager_tokens(bits):
+    """A LaVIN whose widths are whole blocks of 64 (so the fused path runs), decoded compiled in
+    fp32 on the CPU: the eager tokens, for image and text rows."""
+    from generate import StaticDecoder, generate
+
+    torch._dynamo.reset()  # the decode steps earlier tests compiled count toward dynamo's recompile limit
+    model = lite(bits).eval()
+    tokens, images, ind, _ = batch()
+    prompts = [row.tolist() for row in tokens]
+    tok = types.SimpleNamespace(eos_id=-1, bos_id=1, decode=lambda ids: "")  # no EOS: every step is compared
+    want = generate(model, tok, prompts, images, ind, max_new_tokens=12)
+    assert generate(model, tok, prompts, images, ind, max_new_tokens=12, decoder=StaticDecoder(model.llama)) == want
 
 
 def test_agrees_with_bitsandbytes():

@@ -1,4 +1,4 @@
-"""runtime.py: the thread choice on shared cores, the precision rule."""
+"""runtime.py: the thread choice on shared cores, the precision rule, compile by default on a GPU."""
 import os
 import signal
 import subprocess
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from config import make_config
-from runtime import StopRequest, busy_cores_note, cpu_threads, free_cores, others_running, pick_dtype
+from runtime import (StopRequest, UsageError, busy_cores_note, cpu_threads, free_cores, others_running, pick_dtype,
+                     use_compile)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,3 +98,21 @@ def test_a_second_ctrl_c_stops_at_once():
             time.sleep(2)
     assert signal.getsignal(signal.SIGINT) is before
 
+
+def test_compile_is_the_default_on_a_gpu_only(monkeypatch):
+    import importlib.util
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_compile(False, False, cpu) == (False, "")  # the laptop demo stays eager
+    assert use_compile(True, False, cpu) == (True, "")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a))
+    assert use_compile(False, False, cuda) == (True, "")
+    assert use_compile(False, True, cuda) == (False, "")
+    with pytest.raises(UsageError, match="contradict"):
+        use_compile(True, True, cuda)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    compiled, note = use_compile(False, False, cuda)  # no triton: eager, and the user is told why
+    assert not compiled and "triton" in note
+    with pytest.raises(UsageError, match="needs triton"):
+        use_compile(True, False, cuda)

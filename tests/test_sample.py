@@ -1,326 +1,308 @@
-"""sample.py: cached batched generation against plain recomputation, early-stopped evaluation (its
-command line: test_sample_cli.py).
-
-Two tiny models on a real sentencepiece tokenizer (trained on a small shapes set):
-  random_lavin   random LLaMA + CLIP + adapters: every position, route and pixel changes its output
-  scripted_lavin a LLaMA wired by hand to answer "The answer is X." (a bigram chain; the letter is
-                 picked by uniform attention over the context's content, so it varies per problem)
-"""
+"""sample.py: a prompt, a chat, a run's evaluation, and the errors a user sees, on the models and run
+folder of the `world` fixture (conftest.py)."""
 import copy
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
 import types
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import data
-from clip import VisionTransformer
-from data import backbones, shapes
-from data.table import parse_answer
-from lavin import LaVIN, LaVINArgs, save_adapters
-from model import Llama, ModelArgs, Tokenizer
-from router import IMAGE, TEXT
-from evaluate import evaluate, evaluate_split
-from generate import ContextTooLong, StaticDecoder, generate
-from sample import SampleConfig, converse
-from tests.checkpoints import random_state, write_meta
+from generate import Stream, generate
+from lavin import LaVINArgs, save_adapters
+from router import IMAGE
+from sample import SampleConfig, UsageError, converse, main, make_config, resolve, typed_lines
+from tests.helpers import official_checkpoint, random_lavin, random_state, tiny_args, write_meta
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def finish(model, tok, seed=0, clip_layers=8, **lavin_args):
-    """LaVIN around a LLaMA, with a tiny random CLIP and adapters that do something."""
-    torch.manual_seed(seed)
-    visual = VisionTransformer(resolution=32, patch_size=8, width=64, layers=clip_layers, output_dim=16)
-    model = LaVIN(LaVINArgs(**lavin_args), model, visual, tok.encode("Image: ", bos=False, eos=False),
-                  tok.encode("Image: N/A", bos=False, eos=False))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # zero-initialised up-projections and lukewarm routers would hide the routing
-        for name, p in model.named_parameters():
-            if "adapter" in name and (".conv_B." in name or ".conv_D." in name or ".expert_weights." in name):
-                p.normal_(0, 0.5, generator=g)
-    return model.eval()
+def test_prompt_streams_exactly_what_it_returns(world, capsys):
+    sample = next(s for s in world.ds.samples if s.image)
+    question = sample.turns[0][0]
+    cfg = SampleConfig(run=str(world.run), image=sample.image, prompt=question.replace("\n", "\\n"))
+    answer = main(cfg)
+    assert capsys.readouterr().out == answer + "\n"
+    assert answer.startswith("The answer is ") and " " in answer  # sentencepiece's spaces survived
+    image = world.ds.load_image(sample.pid, sample.image)[None]
+    want = generate(world.model, world.tok, [world.tok.encode(question, bos=True, eos=False)], image,
+                    torch.tensor([IMAGE]), 64)[0]  # unfolded, in memory; the CLI folds
+    assert answer == world.tok.decode(want)
 
 
-def random_lavin(tok, seed=0, max_seq_len=256, n_layers=2, clip_layers=12, **lavin_args):
-    args = ModelArgs(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=32,
-                     max_seq_len=max_seq_len)
-    llama = Llama(args)
-    llama.load_state_dict(random_state(args, seed))
-    # 3 visual tokens: "Image: " + 3 is one longer than "Image: N/A", so text rows end in padding
-    return finish(llama, tok, seed, clip_layers, **lavin_args)
+def test_stream_holds_back_half_a_character():
+    tok = types.SimpleNamespace(decode=lambda ids: "".join(ids))
+    shown = []
+    stream = Stream(tok, write=shown.append)
+    for ids in (["a"], ["a", "\ufffd"], ["a", "é"], ["a", "é", " b"], ["a", "é", " b", "\ufffd"]):
+        stream(0, ids)
+    assert shown == ["a", "é", " b"]
+    stream(0, ["a", "é", " b", "\ufffd"], final=True)  # the answer ended there: show it as it is
+    assert shown == ["a", "é", " b", "\ufffd"]
 
 
-def scripted_lavin(tok, content, big=60.0, g=30.0, seed=3):
-    """A LLaMA wired by hand. Embeddings: dims 0..63 for every token (the bigram), dims 64..127 only
-    for `content` tokens (the words that differ between problems). Attention (q = k = 0: uniform)
-    writes the mean content of the context into dims 128..191; the FFN is off. The output reads the
-    bigram ":" -> "The" -> "▁answer" -> "▁is" -> "▁" -> A|B|C|D -> "." -> "▁" ..., D -> EOS, off dims
-    0..63; the letters also read dims 128..191, which breaks their tie by the problem's content."""
-    gen = torch.Generator().manual_seed(seed)
-    V, D, H = tok.n_words, 192, 64
-    args = ModelArgs(dim=D, n_layers=1, n_heads=4, vocab_size=V, multiple_of=32, max_seq_len=256)
-    llama = Llama(args)
-    sd = {k: (torch.ones_like(v) if k.endswith("norm.weight") else torch.zeros_like(v))
-          for k, v in llama.state_dict().items()}
-    E = torch.zeros(V, D)
-    E[:, :H] = torch.randn(V, H, generator=gen)
-    E[content, H:2 * H] = torch.randn(len(content), H, generator=gen)
-    E *= D ** 0.5 / E.norm(dim=1, keepdim=True)  # RMS 1: RMSNorm leaves a lone embedding as it is
-    sd["tok_embeddings.weight"] = E
-    sd["layers.0.attention.wv.weight"][H:2 * H, H:2 * H] = torch.eye(H)
-    sd["layers.0.attention.wo.weight"][2 * H:, H:2 * H] = torch.randn(H, H, generator=gen) / H ** 0.5
-    W, piece = sd["output.weight"], tok.sp.piece_to_id
-
-    def link(x, y):  # the logit of y is `big` right after x
-        W[y, :H] += big * E[x, :H] / E[x, :H].pow(2).sum()
-
-    chain = [piece(p) for p in (":", "The", "▁answer", "▁is", "▁")]
-    for a, b in zip(chain, chain[1:]):
-        link(a, b)
-    for letter in "ABCD":
-        link(piece("▁"), piece(letter))
-        W[piece(letter), 2 * H:] = g * F.normalize(torch.randn(H, generator=gen), dim=0)
-        link(piece(letter), tok.eos_id if letter == "D" else piece("."))
-    link(piece("."), piece("▁"))
-    llama.load_state_dict(sd)
-    return finish(llama, tok, seed)
+def test_run_evaluates_its_own_dataset(world, capsys):
+    result = main(SampleConfig(run=str(world.run), batch_size=8))
+    out = world.run / "eval-test"
+    assert json.loads((out / "results.json").read_text()) == result and result["n"] == len(world.ds)
+    assert "Avg" in capsys.readouterr().out
 
 
-def content_tokens(tok, prompts):
-    """Tokens found in fewer than a third of the prompts: what tells one problem from another."""
-    seen = Counter(t for p in prompts for t in set(tok.encode(p, bos=False, eos=False)))
-    return sorted(t for t, n in seen.items() if n < len(prompts) / 3)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A shapes set (problems, images, tokenizer), the scripted model, and the same model as files:
-    a LLaMA folder in Meta's layout, a CLIP checkpoint and a train.py-style run folder."""
-    root = tmp_path_factory.mktemp("sample")
-    problems = shapes.write_problems(root, 60, seed=0)
-    texts = ["".join(shapes.problem_text(p)) for p in problems.values()]
-    backbones.train_tokenizer(texts + ["Image: N/A", "Image: ", "Instruction: Response:"], root / "tokenizer.model")
-    tok = Tokenizer(root / "tokenizer.model")
-    model = scripted_lavin(tok, content_tokens(tok, [shapes.problem_text(p)[0] for p in problems.values()]))
-    llama_state = {k: v for k, v in model.llama.state_dict().items() if "adapter" not in k}
-    a = model.llama.args
-    params = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, vocab_size=-1, multiple_of=a.multiple_of,
-                  norm_eps=a.norm_eps)
-    write_meta(root / "llama", params, llama_state)  # tokenizer.model sits in its parent
-    (root / "clip").mkdir()
-    torch.save({f"visual.{k}": v for k, v in model.visual.state_dict().items() if "adapter" not in k},
-               root / "clip" / "tiny.pt")
-    run = root / "run"
-    run.mkdir()
-    config = dict(dataset="shapes", llama_path=str(root / "llama"), clip_path=str(root / "clip" / "tiny.pt"),
-                  data_path=str(root), prompt_format="QCM-ALE", max_seq_len=256, image_mode="lavin")
-    save_adapters(run / "adapters.pth", model, config=config, step=1)
-    task = data.evaluation("shapes", str(root), "test", tok, resolution=32)
-    return types.SimpleNamespace(root=root, tok=tok, model=model, run=run, task=task, ds=task.dataset, problems=problems)
-
-
-def rows(tok, seed=1, lengths=(5, 12, 3, 8)):
-    """Prompts of different lengths (BOS + random ids), images, and an image/text mix."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = [[tok.bos_id] + torch.randint(3, tok.n_words, (n,), generator=g).tolist() for n in lengths]
-    images = torch.randn(len(lengths), 3, 32, 32, generator=g)
-    ind = torch.tensor([IMAGE, TEXT, IMAGE, TEXT][: len(lengths)])
-    return prompts, images, ind
-
-
-def eos_is(tok, eos):
-    return types.SimpleNamespace(eos_id=eos, bos_id=tok.bos_id, decode=tok.decode)
-
-
-# ----------------------------------------------------------------------------- generate
-
-@pytest.mark.parametrize("visual", [True, False])  # False: the ablation inserts "Image: N/A" in every row
-def test_cached_greedy_equals_uncached_recomputation(world, visual):
-    model, tok = random_lavin(world.tok, visual=visual), eos_is(world.tok, -1)
-    prompts, images, ind = rows(world.tok)
-    out = generate(model, tok, prompts, images, ind, max_new_tokens=6)
-    for b, p in enumerate(prompts):  # the whole sequence through LaVIN.forward, each step from scratch
-        seq = list(p)  # a row with the shorter insertion ends in padding positions: skip them
-        n_ins = len(model.prefix_img) + model.n_visual if ind[b] and visual else len(model.prefix_text)
-        for _ in range(6):
-            logits = model(torch.tensor([seq]), images[b:b + 1], ind[b:b + 1])
-            seq.append(int(logits[0, len(seq) + n_ins - 1].argmax()))
-        assert out[b] == seq[len(p):], b
-    assert len({tuple(o) for o in out}) == len(out)
-
-
-def test_batched_equals_one_by_one(world):
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
-    prompts, images, ind = rows(world.tok, seed=2, lengths=(9, 2, 14, 6))
-    out = generate(model, tok, prompts, images, ind, max_new_tokens=5)
-    for b in range(len(prompts)):
-        assert generate(model, tok, prompts[b:b + 1], images[b:b + 1], ind[b:b + 1], max_new_tokens=5)[0] == out[b]
-
-
-def test_folded_equals_unfolded(world):
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
-    prompts, images, ind = rows(world.tok, seed=3)
-    for modality in (IMAGE, TEXT):
-        keep = [b for b in range(len(prompts)) if ind[b] == modality]
-        args = ([prompts[b] for b in keep], images[keep], ind[keep])
-        want = generate(model, tok, *args, max_new_tokens=5)
-        folded = copy.deepcopy(model).fold(modality)
-        assert generate(folded, tok, *args, max_new_tokens=5) == want
-        with pytest.raises(ValueError, match="folded"):
-            generate(folded, tok, prompts, images, ind, max_new_tokens=2)
-
-
-def test_text_rows_ignore_images_and_no_indicator_means_text(world):
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
-    prompts, images, _ = rows(world.tok, seed=4)
-    text = torch.zeros(len(prompts), dtype=torch.long)
-    want = generate(model, tok, prompts, None, None, max_new_tokens=5)
-    assert generate(model, tok, prompts, images, text, max_new_tokens=5) == want
-    assert generate(model, tok, prompts, torch.randn_like(images), text, max_new_tokens=5) == want
-    assert generate(model, tok, prompts, images, torch.ones_like(text), max_new_tokens=5) != want
-
-
-def test_static_decode_step_gives_the_eager_tokens(world):
-    """--compile's decode step, uncompiled: the whole cache under a mask, the slot as a tensor.
-    Left-padded rows of different lengths, image and text routes; the decoder's cache, reused by
-    a second batch of the same size, keeps nothing of the first; a folded model has no routes."""
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
-    decoder = StaticDecoder(model.llama, compile=False)
-    steps, step = [], decoder.step
-    decoder.step = lambda *args: steps.append(1) or step(*args)  # count the steps it takes
-    for seed, lengths in ((1, (5, 12, 3, 8)), (7, (14, 2, 9, 4))):
-        prompts, images, ind = rows(world.tok, seed=seed, lengths=lengths)
-        want = generate(model, tok, prompts, images, ind, max_new_tokens=8)
-        assert generate(model, tok, prompts, images, ind, max_new_tokens=8, decoder=decoder) == want
-        with torch.inference_mode():  # the cache was made in generate's inference mode
-            for t in [t for cache in decoder.caches.values() for t in cache.k + cache.v]:
-                t.fill_(float("nan"))  # the next batch's reset must clear what this one left
-    assert len(decoder.caches) == 1 and len(steps) == 2 * 7 and len(set(map(tuple, want))) == len(want)
-    folded = copy.deepcopy(model).fold(IMAGE)
-    keep = [0, 2]
-    args = ([prompts[b] for b in keep], images[keep], ind[keep])
-    assert generate(folded, tok, *args, max_new_tokens=8, decoder=StaticDecoder(folded.llama, compile=False)) == \
-        [want[b] for b in keep]
-
-
-@pytest.mark.slow  # inductor compiles C++ kernels on the CPU: a minute on a cold cache
-def test_compiled_decode_gives_the_eager_tokens(world):
-    """--compile for real (torch.compile; CUDA graphs need a GPU): generation, evaluation, chat."""
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
-    prompts, images, ind = rows(world.tok)
-    want = generate(model, tok, prompts, images, ind, max_new_tokens=8)
-    assert generate(model, tok, prompts, images, ind, max_new_tokens=8, decoder=StaticDecoder(model.llama)) == want
-    kw = dict(batch_size=16, early_stop=False, max_new_tokens=16, progress=False)
-    assert evaluate(world.model, world.tok, world.task, compile=True, **kw) == evaluate(world.model, world.tok, world.task, **kw)
-    cfg = SampleConfig(template="instruction", max_new_tokens=6, fold=False)
-    turns = ["What is in the picture?", "And its colour?"]
+@pytest.mark.parametrize("seed", [0, 1, 2])  # three models: one may not notice a token gone missing
+def test_chat_keeps_the_cache_across_turns(world, capsys, seed):
+    tok = world.tok
+    model = random_lavin(tok, seed=seed)
     image = torch.randn(3, 32, 32)
-    assert converse(model, world.tok, dataclasses.replace(cfg, compile=True), image, turns) == \
-        converse(model, world.tok, cfg, image, turns)
+    cfg = SampleConfig(template="instruction", max_new_tokens=6, fold=False)
+    typed = typed_lines(reader(["What is in the picture?", "And its colour?", "", "never read"]))
+    answers = converse(model, tok, cfg, image, typed)
+    assert capsys.readouterr().out == "".join(a + "\n" for a in answers)
+    # Turn 2 from scratch: BOS prompt1 answer1 EOS prompt2, the image inserted after BOS.
+    turn1 = tok.encode("Instruction: What is in the picture?\nResponse:", bos=True, eos=False)
+    turn2 = tok.encode("Instruction: And its colour?\nResponse:", bos=False, eos=False)
+    first = generate(model, tok, [turn1], image[None], torch.tensor([IMAGE]), 6)[0]
+    assert answers[0] == tok.decode(first) and len(first) == 6  # out of budget: no EOS was sampled
+    want = generate(model, tok, [turn1 + first + [tok.eos_id] + turn2], image[None], torch.tensor([IMAGE]), 6)[0]
+    assert answers[1] == tok.decode(want)
+    # Folded, and ended by the end of input instead of an empty line: the same answers.
+    typed = typed_lines(reader(["What is in the picture?", "And its colour?"]))
+    assert converse(copy.deepcopy(model), tok, dataclasses.replace(cfg, fold=True), image, typed) == answers
 
 
-def test_each_row_stops_at_its_eos_and_the_batch_when_all_have(world):
-    model = random_lavin(world.tok)
-    prompts, images, ind = rows(world.tok, seed=5)
-    free = generate(model, eos_is(world.tok, -1), prompts, images, ind, max_new_tokens=8)
-    k = next(k for k in range(1, 8) if free[0][k] not in free[0][:k])
-    eos = free[0][k]  # pretend this token is EOS: each row must end before its first occurrence
-    stats = {}
-    out = generate(model, eos_is(world.tok, eos), prompts, images, ind, max_new_tokens=8, stats=stats)
-    cut = [o.index(eos) if eos in o else len(o) for o in free]
-    assert out == [o[:c] for o, c in zip(free, cut)] and cut[0] == k and len(set(cut)) > 1
-    assert stats["steps"] == min(8, max(c + 1 for c in cut))  # the EOS itself is a step
-    stats = {}
-    generate(model, eos_is(world.tok, -1), prompts, images, ind, max_new_tokens=8,
-             stop=lambda b, ids: len(ids) == 3, stats=stats)
-    assert stats["steps"] == 3  # every row stopped: the batch stopped
+def test_a_chat_answers_in_the_room_left_then_says_the_context_is_full(world, capsys):
+    """max_seq_len 48: turn 2 is sized to leave room for 2 new tokens (of max_new_tokens 6), and
+    gets them; turn 3 finds no room and says so in one line instead of failing in the KV cache."""
+    tok, L = world.tok, 48
+    model = random_lavin(tok, seed=1, max_seq_len=L)
+    turn1 = tok.encode("Question: Which shape?\nResponse:", bos=True, eos=False)
+    first = generate(model, tok, [turn1], max_new_tokens=6)[0]
+    assert len(first) == 6 and tok.eos_id not in first  # no EOS: turn 2 then starts with the last token, EOS
+    # After turn 1 the cache holds the prompt, "Image: N/A" and 5 of the answer's 6 tokens (the
+    # last one is fed with turn 2); turn 2 feeds 2 + its own tokens and leaves room for 2 more.
+    held = len(turn1) + int(model.inserted(torch.tensor([0]))) + 5
+    words = []
+    while len(tok.encode(" ".join(words), bos=False, eos=False)) < L - held - 2 - 2 + 1:
+        words.append("red")
+    turn2 = tok.encode(" ".join(words), bos=False, eos=False)
+    assert held + 2 + len(turn2) - 1 + 2 == L  # the second answer's 2 tokens end at the context's end
+    cfg = SampleConfig(template="raw", max_new_tokens=6, fold=False)
+    answers = converse(model, tok, cfg, None, ["Question: Which shape?\\nResponse:", " ".join(words), "more?"])
+    roomier = random_lavin(tok, seed=1, max_seq_len=L + 8)  # the same weights: generate keeps one slot spare
+    want = generate(roomier, tok, [turn1 + first + [tok.eos_id] + turn2], max_new_tokens=2)[0]
+    assert answers == [tok.decode(first), tok.decode(want)] and len(want) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"(the conversation fills the context of {L} positions: start a new chat)"
 
 
-def test_stop_ends_only_its_own_row(world):
-    model, tok = random_lavin(world.tok), eos_is(world.tok, -1)
-    prompts, images, ind = rows(world.tok, seed=6)
-    free = generate(model, tok, prompts, images, ind, max_new_tokens=6)
-    seen = []
-    out = generate(model, tok, prompts, images, ind, max_new_tokens=6, stop=lambda b, ids: b == 1 and len(ids) == 2,
-                   on_token=lambda b, ids: seen.append((b, list(ids))))
-    assert out == [free[0], free[1][:2], *free[2:]]
-    for b in range(len(prompts)):  # on_token saw every token of every row, in order
-        assert [ids for r, ids in seen if r == b] == [out[b][:k] for k in range(1, len(out[b]) + 1)]
+@pytest.mark.parametrize("template", ["raw", "instruction"])
+def test_prompt_templates(world, template):
+    tok, model = world.tok, random_lavin(world.tok)
+    cfg = SampleConfig(template=template, max_new_tokens=5, fold=False)
+    text = "Question: Which shape?\\nResponse:"  # as typed on a command line
+    prompt = "Question: Which shape?\nResponse:"
+    ids = tok.encode(prompt if template == "raw" else f"Instruction: {prompt}\nResponse:", bos=True, eos=False)
+    want = generate(model, tok, [ids], max_new_tokens=5)[0]  # text only
+    assert converse(model, tok, cfg, None, [text]) == [tok.decode(want)]
 
 
-def test_prompt_plus_new_tokens_longer_than_the_context_is_refused(world):
-    model, tok = random_lavin(world.tok, max_seq_len=40), eos_is(world.tok, -1)
-    prompt = [tok.bos_id] + [5] * (34 - len(model.prefix_text))  # + "Image: N/A" = 35 positions
-    assert len(generate(model, tok, [prompt], max_new_tokens=5)[0]) == 5  # 40: just fits
-    with pytest.raises(ContextTooLong, match="exceeds max_seq_len=40"):
-        generate(model, tok, [prompt], max_new_tokens=6)
+def reader(lines):
+    """input() replayed: the lines, then EOFError."""
+    lines = iter(lines)
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
 
 
-def test_top_p_keeps_the_nucleus():
-    from generate import sample_next
-
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, 4)
-    g = torch.Generator().manual_seed(0)
-    draws = sample_next(logits, 1.0, 0.7, g)
-    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are never drawn
-    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
-    assert set(sample_next(logits, 1.0, 0.0, g).tolist()) == {0}  # the top token always stays
-    assert sample_next(logits, 0.0, 0.7).eq(0).all()
+def test_flags_become_the_config():
+    cfg = make_config(["--run", "out/x", "--no-early_stop", "--temperature", "0.1", "--dataset", "shapes"])
+    assert cfg.run == "out/x" and cfg.early_stop is False and cfg.temperature == 0.1 and cfg.dataset == "shapes"
+    assert make_config(["--compile"]).compile is True and make_config([]) == SampleConfig()
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def test_early_stop_gives_the_full_decode_predictions_in_a_fifth_of_the_steps(world):
-    full, early = {}, {}
-    texts_full = evaluate(world.model, world.tok, world.task, batch_size=8, early_stop=False, stats=full, progress=False)
-    texts = evaluate(world.model, world.tok, world.task, batch_size=8, early_stop=True, stats=early, progress=False)
-    n = {pid: len(world.problems[pid]["choices"]) for pid in texts}
-    preds = {pid: parse_answer(t, n[pid]) for pid, t in texts.items()}
-    assert preds == {pid: parse_answer(t, n[pid]) for pid, t in texts_full.items()}
-    assert len(set(preds.values())) >= 3  # two letters or more, and unparsed rows (D ends in EOS)
-    assert all(t.startswith("The answer is ") for t in texts.values())
-    assert early["row_steps"] / early["problems"] <= 64 / 5  # the reference decodes 64 tokens per problem
-    assert full["row_steps"] > 4 * early["row_steps"]
+def other_size_checkpoint(world, tmp_path):
+    """Our adapters.pth saved from a LaVIN with a 64-wide LLaMA (the scripted one is 192 wide)."""
+    save_adapters(tmp_path / "small.pth", random_lavin(world.tok, n_layers=1, clip_layers=8), config={})
+    return str(tmp_path / "small.pth")
 
 
-def test_ranks_shard_the_split(world):
-    whole = evaluate(world.model, world.tok, world.task, batch_size=4, progress=False)
-    parts = [evaluate(world.model, world.tok, world.task, batch_size=4, rank=r, world_size=2, progress=False)
-             for r in range(2)]
-    assert not set(parts[0]) & set(parts[1]) and {**parts[0], **parts[1]} == whole
-    assert abs(len(parts[0]) - len(parts[1])) <= 1
+@pytest.mark.parametrize("case, match", [
+    ("missing image", "no image at"),
+    ("unreadable image", "cannot read image"),
+    ("other size", r"small.pth: llama.layers.0.adapter_attn.conv_A.weight has shape \(8, 64\), the model's is "
+                   r"\(8, 192\) \(adapters for another model than"),
+    ("long prompt", "exceeds max_seq_len=256"),
+    ("missing weights", "no LLaMA checkpoint folder at"),
+    ("missing run", "no adapters.pth there"),
+    ("nothing to do", "nothing to do"),
+])
+def test_bad_input_is_one_clear_line(world, tmp_path, case, match):
+    cfg = SampleConfig(run=str(world.run), prompt="Question: hi\\nResponse:")
+    if case == "missing image":
+        cfg.image = str(tmp_path / "nope.png")
+    elif case == "unreadable image":
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        cfg.image = str(tmp_path / "bad.png")
+    elif case == "other size":
+        cfg.adapters = other_size_checkpoint(world, tmp_path)
+    elif case == "long prompt":
+        cfg.prompt = "Question: " + "red blue " * 200 + "\\nResponse:"
+    elif case == "missing weights":
+        cfg.llama_path = str(tmp_path / "no_such_folder")
+    elif case == "missing run":
+        cfg.run = str(tmp_path)
+    elif case == "nothing to do":
+        cfg = SampleConfig(llama_path=str(world.root / "llama"), clip_path=str(world.root / "clip" / "tiny.pt"))
+    with pytest.raises(UsageError, match=match) as e:
+        main(cfg)
+    assert "\n" not in str(e.value)
 
 
-def test_evaluate_split_writes_preds_results_and_prints_the_table(world, tmp_path, capsys):
-    result = evaluate_split(world.model, world.tok, world.task, batch_size=16, output_dir=str(tmp_path), progress=False)
-    preds = json.loads((tmp_path / "preds.json").read_text())
-    outputs = json.loads((tmp_path / "outputs.json").read_text())
-    assert json.loads((tmp_path / "results.json").read_text()) == result
-    assert set(preds) == set(outputs) == {s.pid for s in world.ds.samples}
-    assert preds == {pid: parse_answer(t, len(world.problems[pid]["choices"])) for pid, t in outputs.items()}
-    assert result["unparsed"] == sum(p == -1 for p in preds.values()) > 0
-    assert result["decode_steps_per_problem"] <= 64 / 5 and result["reference_steps_per_problem"] == 64
-    shown = capsys.readouterr().out
-    assert "NAT" in shown and "Avg" in shown and "decode steps per problem" in shown
+def test_command_line_error_has_no_traceback(world, tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", "--run", str(world.run), "--image", str(tmp_path / "x.png"),
+                        "--prompt", "hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()  # a note may come first (on busy cores: the threads taken)
+    assert lines[-1] == f"error: no image at {tmp_path / 'x.png'}" and all(x.startswith("note: ") for x in lines[:-1])
 
 
-def test_a_callers_smaller_max_new_tokens_wins_over_the_tasks_cap(world, tmp_path):
-    """A task's own cap (MME's 20) bounds the caller's max_new_tokens, never raises it; and the
-    model comes back in the mode it came in."""
-    capped = types.SimpleNamespace(**{k: getattr(world.task, k) for k in ("name", "split", "dataset", "stop",
-                                                                          "score", "table")}, max_new_tokens=5)
-    model = random_lavin(world.tok, seed=2)
-    for asked, budget in ((3, 3), (64, 5)):
-        for training in (True, False):
-            model.train(training)
-            result = evaluate_split(model, world.tok, capped, output_dir=str(tmp_path / f"{asked}"),
-                                    max_new_tokens=asked, early_stop=False, progress=False)
-            assert model.training is training and all(m.training is training for m in model.modules())
-        assert result["reference_steps_per_problem"] == budget
-        assert result["decode_steps_per_problem"] == budget  # no early stop, no EOS: every row decodes the budget
+def test_an_evaluation_runs_on_the_threads_of_its_run(world, tmp_path):
+    """A laptop run trained on 1 thread (its preset's) is evaluated on 1 thread, whatever the load,
+    so `sample.py --run` prints the run's own table; --threads overrides it."""
+    ckpt = torch.load(world.run / "adapters.pth", weights_only=False)
+    ckpt["config"]["threads"] = 1
+    (tmp_path / "run").mkdir()
+    torch.save(ckpt, tmp_path / "run" / "adapters.pth")
+    assert resolve(SampleConfig(run=str(tmp_path / "run")))[0].threads == 1
+    assert resolve(SampleConfig(run=str(tmp_path / "run"), threads=2))[0].threads == 2
+    assert resolve(SampleConfig(run=str(world.run)))[0].threads == 0  # a run that fixed none
+    torch.set_num_threads(2)  # conftest's fixture gives the next test its threads back
+    main(SampleConfig(run=str(tmp_path / "run"), prompt="Question: hi\\nResponse:", max_new_tokens=2))
+    assert torch.get_num_threads() == 1
 
+
+def test_official_checkpoint_from_the_command_line(world, tmp_path):
+    """checkpoint-19.pth of a 13B-style run (router temperature 5): the model is built to fit it."""
+    import argparse
+
+    from lavin import load_adapters, load_lavin
+
+    args = tiny_args(n_kv_heads=None, vocab_size=world.tok.n_words)
+    write_meta(tmp_path / "llama", dict(dim=64, n_layers=2, n_heads=4, vocab_size=-1, multiple_of=32),
+               random_state(args, seed=5))
+    (tmp_path / "tokenizer.model").write_bytes((world.root / "tokenizer.model").read_bytes())
+    ns = argparse.Namespace(adapter_dim=8, temperature=5.0, hidden_proj=128, adapter_type="attn",
+                            visual_adapter_type="router", adapter_scale=1.0, llm_model="13B")
+    torch.save(official_checkpoint(None, args=ns), tmp_path / "checkpoint-19.pth")
+    paths = dict(llama_path=str(tmp_path / "llama"), clip_path=str(world.root / "clip" / "tiny.pt"))
+    answer = main(SampleConfig(**paths, adapters=str(tmp_path / "checkpoint-19.pth"), prompt="Question: hi?",
+                               template="raw", max_new_tokens=5))
+    model, tok = load_lavin(**paths, args=LaVINArgs(temperature=5.0), max_seq_len=512)
+    load_adapters(model, tmp_path / "checkpoint-19.pth")
+    want = generate(model.eval(), tok, [tok.encode("Question: hi?", bos=True, eos=False)], max_new_tokens=5)[0]
+    assert answer == tok.decode(want)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be at least 0"),
+    (["--top_p", "0"], "--top_p must be in"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_nonsense_flags_are_refused(argv, match):
+    with pytest.raises(UsageError, match=match):
+        make_config(argv)
+
+
+def test_prompt_format_with_a_prompt_is_noted(world, capsys):
+    main(SampleConfig(run=str(world.run), prompt="Question: hi\\nResponse:", prompt_format="QCM-A", max_new_tokens=2))
+    assert "note: --prompt_format QCM-A shapes the prompts of an evaluation" in capsys.readouterr().err
+
+
+def chat_process(world, tmp_path):
+    image = tmp_path / "x.png"
+    image.write_bytes((world.root / "images" / "test").glob("*/image.png").__next__().read_bytes())
+    return subprocess.Popen([sys.executable, "sample.py", "--run", str(world.run), "--image", str(image), "--chat"],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_chat_ends_cleanly_at_ctrl_d(world, tmp_path):
+    p = chat_process(world, tmp_path)
+    out, err = p.communicate("What is it?\n", timeout=120)  # then the end of input: Ctrl-D
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert "(an empty line, Ctrl-D or Ctrl-C ends the chat)" in out and out.count("you> ") == 2
+    assert out.endswith("\n")  # the shell's prompt starts a line of its own
+
+
+def test_chat_ends_cleanly_at_ctrl_c(world, tmp_path):
+    p = chat_process(world, tmp_path)
+    seen = ""
+    while "you> " not in seen:  # waiting for a line: now a real Ctrl-C
+        ch = p.stdout.read(1)
+        assert ch, p.stderr.read()
+        seen += ch
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert (seen + out).endswith("\n")
+
+
+# ----------------------------------------------------------------------------- the card's command as typed
+
+def runs_folder(world, tmp_path, datasets: dict) -> Path:
+    """tmp_path/out/NAME/adapters.pth for each NAME: dataset, the world's run saying it was trained on
+    that dataset, written in this order (the last one the newest)."""
+    import os
+
+    ckpt = torch.load(world.run / "adapters.pth", weights_only=False)
+    for i, (name, dataset) in enumerate(datasets.items()):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        torch.save({**ckpt, "config": {**ckpt["config"], "dataset": dataset}}, tmp_path / "out" / name / "adapters.pth")
+        os.utime(tmp_path / "out" / name / "adapters.pth", (1_000_000 + i, 1_000_000 + i))
+    return tmp_path
+
+
+def test_sample_image_alone_chats_with_the_newest_run_under_out(world, tmp_path):
+    """`python sample.py --image cat.jpg`, typed in a folder whose out/ holds two runs: the newest
+    answers, in a chat about the picture, and one line says which run that is."""
+    cwd = runs_folder(world, tmp_path, {"newer-name-but-older": "shapes", "b": "shapes"})
+    (cwd / "cat.jpg").write_bytes(next((world.root / "images" / "test").glob("*/image.png")).read_bytes())
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--image", "cat.jpg", "--max_new_tokens", "4"],
+                       cwd=cwd, input="Question: What is it?\\nResponse:\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    said = [x for x in r.stderr.splitlines() if x.startswith("run: ")]
+    assert said == [f"run: {Path('out', 'b')} (the newest under out/; --run picks another)"]
+    assert "(an empty line, Ctrl-D or Ctrl-C ends the chat)" in r.stdout and r.stdout.count("you> ") == 2
+    assert "this run answers its training format: Question: " in r.stdout  # a shapes run: raw prompts
+
+
+def test_sample_without_any_run_names_the_command_that_trains_one(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--image", "cat.jpg"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: no trained run under out/ to talk to: train one with `python train.py --dataset shapes-chat` "
+        "(minutes on a laptop), or give --run OUT"]
+
+
+def test_a_picture_without_a_prompt_is_a_chat_for_a_chatbot_and_a_caption_for_a_caption_run(world, tmp_path):
+    import data
+
+    runs = runs_folder(world, tmp_path, {"chat": "shapes-chat"}) / "out"
+    cfg, mode = resolve(SampleConfig(image="x.png"), runs)
+    assert (mode, cfg.run, cfg.template) == ("chat", str(runs / "chat"), "instruction")
+    runs = runs_folder(world, tmp_path / "c", {"caption": "shapes-coco"}) / "out"
+    cfg, mode = resolve(SampleConfig(image="x.png"), runs)
+    assert (mode, cfg.prompt, cfg.template) == ("prompt", data.coco.CAPTION_PROMPT, "raw")
+    cfg, mode = resolve(SampleConfig(image="x.png", run=str(world.run)), runs)  # --run wins over the newest
+    assert (mode, cfg.run, cfg.template) == ("chat", str(world.run), "raw")

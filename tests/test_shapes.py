@@ -1,6 +1,5 @@
-"""The synthetic `shapes` set: ScienceQA's layout, determinism, answers that need the picture,
-and tiny backbones that the project's own loaders read."""
-import json
+"""data/shapes.py, the synthetic `shapes` set: ScienceQA's layout, determinism, answers that need the
+picture, a copy of the shipped backbones (data/backbones.py's tests: test_backbones.py)."""
 import re
 from collections import Counter
 from pathlib import Path
@@ -9,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import backbones, shapes, shapes_chat
-
-N = 60  # >= 54 (18 groups of subject x modality x grade band, 3 splits): every column everywhere
+from data import shapes
+from tests.helpers import N, file_bytes, read
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +18,6 @@ def small_set(tmp_path_factory) -> Path:
     root.mkdir()
     shapes.write_problems(root, N, seed=0)
     return root
-
-
-@pytest.fixture(scope="module")
-def full_small(tmp_path_factory) -> Path:
-    """A complete set with the shipped backbones, made the way build_dataset makes it on first use."""
-    root = tmp_path_factory.mktemp("shapes_full") / "set"
-    assert shapes.ensure(root, n_problems=N, seed=0, quiet=True) == root
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_backbones(tmp_path_factory) -> Path:
-    """data/backbones.py's whole recipe with a handful of steps."""
-    out = tmp_path_factory.mktemp("backbones") / "bb"
-    backbones.build(out, seed=0, lm_steps=3, clip_steps=2, quiet=True, vicuna_steps=2, vicuna_eval=6)
-    return out
-
-
-def read(root: Path, name: str):
-    return json.loads((root / name).read_text())
 
 
 def test_release_layout(small_set):
@@ -87,10 +65,6 @@ def test_every_table_column_in_every_split(small_set):
             assert any(test(problems[pid]) for pid in splits[split]), f"no {name} problem in {split}"
 
 
-def file_bytes(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_same_seed_same_bytes_other_seed_other_set(tmp_path, small_set):
     again, other = tmp_path / "again", tmp_path / "other"
     again.mkdir(), other.mkdir()
@@ -100,47 +74,9 @@ def test_same_seed_same_bytes_other_seed_other_set(tmp_path, small_set):
     assert (other / "problems.json").read_bytes() != (small_set / "problems.json").read_bytes()
 
 
-def test_backbone_build_is_reproducible(tiny_backbones, tmp_path):
-    """Tokenizer and both sets of weights, byte for byte (same machine, same thread count)."""
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(1234)  # the caller's random state must neither matter nor change
-    state = torch.random.get_rng_state()
-    backbones.build(tmp_path / "again", seed=0, lm_steps=3, clip_steps=2, quiet=True, vicuna_steps=2,
-                    vicuna_eval=6)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert file_bytes(tmp_path / "again") == file_bytes(tiny_backbones)
-    assert set(file_bytes(tiny_backbones)) == set(shapes.BACKBONE_FILES) | set(shapes_chat.BACKBONE_FILES)
-
-
 def test_set_holds_a_copy_of_the_shipped_backbones(full_small):
     assert {f: (full_small / f).read_bytes() for f in shapes.BACKBONE_FILES} == \
         {f: (shapes.BACKBONES / f).read_bytes() for f in shapes.BACKBONE_FILES}
-
-
-def test_shipped_llama_reads_text_and_captions_but_not_pixels():
-    """The shipped tiny LLaMA answers text problems and image problems given their caption in the
-    "Image: " slot, and is near chance given LaVIN's "Image: N/A": only the visual path can help."""
-    model_py = pytest.importorskip("model")
-    llama, tok = model_py.load_llama(shapes.BACKBONES / "llama")
-    held_out = backbones.lm_corpus(270, seed=5)  # a stream neither the LLaMA nor the set has seen
-    text = [(p, None) for p, c in held_out if not c]
-    image = [(p, c) for p, c in held_out if c]
-    assert backbones.answer_accuracy(llama, tok, text) >= 0.8
-    assert backbones.answer_accuracy(llama, tok, image) >= 0.8
-    assert backbones.answer_accuracy(llama, tok, [(p, None) for p, _ in image]) <= 0.5  # chance ~0.3
-
-
-def test_shipped_vicuna_follows_instructions_and_reads_captions_not_pixels():
-    """The shipped tiny Vicuna answers held-out text instructions and questions about a picture
-    given its caption, in the chatbot's template; given "Image: N/A" it cannot know the picture."""
-    model_py = pytest.importorskip("model")
-    vicuna, tok = model_py.load_llama(shapes.BACKBONES / "vicuna")
-    held_out = [(c, *turns[0]) for c, turns in backbones.chat_corpus(120, seed=5)]
-    text = [x for x in held_out if x[0] is None]
-    image = [x for x in held_out if x[0] is not None]
-    assert backbones.chat_accuracy(vicuna, tok, text) >= 0.9
-    assert backbones.chat_accuracy(vicuna, tok, image) >= 0.75
-    assert backbones.chat_accuracy(vicuna, tok, [(None, p, a) for _, p, a in image]) <= 0.3
 
 
 def blobs(image: Image.Image) -> list:
@@ -245,32 +181,6 @@ def test_reader_loads_every_split(small_set):
             assert (s.image is not None) == (read(small_set, "problems.json")[s.pid]["image"] is not None)
 
 
-@pytest.mark.parametrize("where", ["shipped", "built"])
-def test_backbones_load_with_the_project_loaders(where, full_small, tiny_backbones):
-    torch = pytest.importorskip("torch")
-    model_py, clip_py = pytest.importorskip("model"), pytest.importorskip("clip")
-    folder = full_small if where == "shipped" else tiny_backbones
-    llama, tok = model_py.load_llama(folder / "llama")  # tokenizer.model from the parent folder
-    assert (tok.bos_id, tok.eos_id, tok.sp.unk_id(), tok.sp.pad_id()) == (1, 2, 0, -1)
-    assert 300 <= tok.n_words <= 1000
-    weird = "Ünïcode ☃ {braces} \\n"  # byte fallback: everything encodes and comes back
-    assert tok.decode(tok.encode(weird, bos=False, eos=False)) == weird
-    ids = tok.encode("Question: What color is the shape?", bos=True, eos=False)
-    assert llama(torch.tensor([ids])).shape == (1, len(ids), tok.n_words)
-    state = torch.load(folder / "llama" / "consolidated.00.pth", weights_only=True)
-    assert {v.dtype for v in state.values()} == {torch.bfloat16}  # as Meta ships them
-    vit = clip_py.load_clip(folder / "clip" / "ViT-tiny.pt")
-    state = torch.load(folder / "clip" / "ViT-tiny.pt", weights_only=True)
-    assert all(k.startswith("visual.") for k in state) and "visual.conv1.weight" in state
-    assert {v.dtype for v in state.values()} == {torch.float16}  # as OpenAI ships them
-    pid = next(iter(read(full_small, "captions.json")["captions"]))
-    split = read(full_small, "problems.json")[pid]["split"]
-    x = clip_py.preprocess(full_small / "images" / split / pid / "image.png", "lavin", vit.resolution)
-    assert vit(x[None], every=4).shape == (1, 3, 64)
-    summary = read(folder, "backbones.json")
-    assert 0 <= summary["llama_acc_text"] <= 1 and set(summary["clip_acc"]) == set(backbones.CLIP_TASKS)
-
-
 def test_build_dataset_reads_the_set_with_its_own_tokenizer(full_small):
     data = pytest.importorskip("data")
     if not hasattr(data, "build_dataset"):
@@ -310,17 +220,3 @@ def test_missing_backbones_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m data.backbones"):
         shapes.generate(tmp_path / "set", N, backbones=tmp_path / "none", quiet=True)
     assert not (tmp_path / "set").exists()
-
-
-def test_samples_picture_shows_every_kind_of_image_question(tmp_path):
-    from data.table import draw_samples
-
-    problems = shapes.write_problems(tmp_path, 300, seed=0)
-    test = [pid for pid in read(tmp_path, "pid_splits.json")["test"] if problems[pid]["image"]]
-    preds = {pid: problems[pid]["answer"] if i % 2 else -1 for i, pid in enumerate(test)}
-    drawn = draw_samples(tmp_path, "test", preds, tmp_path / "samples.png", n=6, columns=3)
-    assert len(drawn) == min(6, len(test)) and {pid for pid, _ in drawn} <= set(test)
-    assert all(right == (preds[pid] == problems[pid]["answer"]) for pid, right in drawn)
-    kinds = {" ".join(problems[pid]["question"].split()[:2]) for pid in test}
-    assert {" ".join(problems[pid]["question"].split()[:2]) for pid, _ in drawn} == kinds
-    assert Image.open(tmp_path / "samples.png").size[0] == 3 * 160

@@ -6,19 +6,13 @@ import pytest
 import torch
 
 from model import KVCache, Llama, ModelArgs, Tokenizer, apply_rope, load_llama, rope_angles
-from tests.checkpoints import random_state, train_tokenizer, write_hf, write_meta
-
+from tests.helpers import random_state, tiny_args, write_hf, write_meta
 
 
 @pytest.fixture(autouse=True)
 def no_grad():
     with torch.no_grad():  # a fixture, not a global switch: other test files train
         yield
-
-
-def tiny_args(**kw):
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32, norm_eps=1e-5)
-    return ModelArgs(**{**base, **kw})
 
 
 def reference_logits(state, args, tokens, pos_offset=0):
@@ -61,11 +55,6 @@ def reference_logits(state, args, tokens, pos_offset=0):
             x = x + (a / (1 + torch.exp(-a)) * b) @ sd[p + "feed_forward.w2.weight"].T
         out.append(rms(x, sd["norm.weight"]) @ sd["output.weight"].T)
     return torch.stack(out)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 def model_from(args, state):
