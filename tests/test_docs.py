@@ -241,9 +241,6 @@ COMMANDS = [c for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/
 TORCHRUN_RUN = ("torchrun reads sample.py's --run as an abbreviation of its own --run-path/--run_path and stops "
                 "(ambiguous option); `torchrun --nproc_per_node 8 -- sample.py --run ...` passes it on")
 KNOWN_WRONG = {
-    "torchrun --nproc_per_node 8 sample.py --run out/chatbot-7b --dataset mme --data_path "
-    "/data/MME_Benchmark_release_version": TORCHRUN_RUN,
-    "torchrun --nproc_per_node 8 sample.py --run out/caption-7b --split test": TORCHRUN_RUN,
 }
 
 
