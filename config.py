@@ -133,7 +133,8 @@ def make_config(argv=None) -> tuple[TrainConfig, list[str]]:
     given = vars(p.parse_args(argv))  # only the flags on the command line
     preset = preset_of(given.get("dataset", TrainConfig.dataset), given.get("preset", ""))
     # the weights' paths stay "" here: resolve() fills them, from a shapes set's own backbones first
-    values = {**{k: v for k, v in PRESETS[preset].flags.items() if k not in ("llama_path", "clip_path")}, "preset": preset}
+    recipe = {k: v for k, v in PRESETS[preset].flags.items() if k not in ("llama_path", "clip_path")}
+    values = {**recipe, "preset": preset}
     notes = [f"--{k} {v} overrides preset {preset}'s {k}={values[k]}" for k, v in given.items()
              if k in values and values[k] != v]
     return TrainConfig(**{**values, **given}), notes
@@ -157,11 +158,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         tiny = next((d for d in ("llama", "vicuna") if Path(data_path, d, "params.json").is_file()), None)
     # never over the full run: ablations and other bits than the preset's get folders of their own
     ablation = "-no_visual" * cfg.no_visual + "-no_router" * cfg.no_router
-    ablation += f"-{cfg.bits}bit" * (cfg.bits != PRESETS[preset].flags.get("bits", 16))
+    recipe = PRESETS[preset].flags
+    ablation += f"-{cfg.bits}bit" * (cfg.bits != recipe.get("bits", 16))
     cfg = dataclasses.replace(
         cfg, preset=preset, data_path=data_path, output_dir=cfg.output_dir or f"out/{preset}{ablation}",
-        llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else PRESETS[preset].flags.get("llama_path", "")),
-        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else PRESETS[preset].flags.get("clip_path", "")),
+        llama_path=cfg.llama_path or (f"{data_path}/{tiny}" if tiny else recipe.get("llama_path", "")),
+        clip_path=cfg.clip_path or (f"{data_path}/clip/ViT-tiny.pt" if tiny else recipe.get("clip_path", "")),
         coco_root=cfg.coco_root or (f"{data_path}/train2014" if cfg.dataset in data.CHAT_DATASETS else ""))
     if cfg.threads < 0:
         raise UsageError(f"--threads must be at least 0 (0 = OMP_NUM_THREADS, else one per free core), "

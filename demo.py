@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import io
 import ipaddress
@@ -34,7 +35,6 @@ import threading
 import time
 import traceback
 from contextlib import suppress
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -263,7 +263,7 @@ def load(cfg: DemoConfig, runs=RUNS) -> Demo:
     examples, note = example_pictures(settings.run, tok, model, cfg.examples, settings.template)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    name = Path(settings.run).name if settings.run else (Path(settings.adapters).name if settings.adapters else "untrained")
+    name = Path(settings.run or settings.adapters).name if settings.run or settings.adapters else "untrained"
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     info = {"run": name, "bits": bits_of(model.llama), "dataset": trained.get("dataset", ""),
             "device": f"{device}{gpu}", "router": model.args.router, "visual": model.args.visual}

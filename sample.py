@@ -30,7 +30,8 @@ from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from quant import bits_of
 from router import IMAGE, TEXT
-from runtime import UsageError, busy_cores_note, config_parser, pick_dtype, plain_warnings, setup_distributed, use_compile
+from runtime import (UsageError, busy_cores_note, config_parser, pick_dtype, plain_warnings, setup_distributed,
+                     use_compile)
 
 
 @dataclass
@@ -91,7 +92,8 @@ def check_at_least(cfg, lows: dict):
 
 def make_config(argv=None) -> SampleConfig:
     argv = sys.argv[1:] if argv is None else argv
-    p = config_parser(SampleConfig, "Ask a trained LaVIN about an image, chat with it, or evaluate it.", choices=CHOICES)
+    p = config_parser(SampleConfig, "Ask a trained LaVIN about an image, chat with it, or evaluate it.",
+                      choices=CHOICES)
     cfg = SampleConfig(**vars(p.parse_args(argv)))
     if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
         raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
