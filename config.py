@@ -48,9 +48,11 @@ class TrainConfig:
     # the run
     seed: int = 0  # adapter initialisation, data order, dropout
     max_steps: int = 0  # stop after this many optimizer steps (counted from the start); 0 = all
-    resume: str = ""  # a checkpoint.pth to continue from
+    resume: str = ""  # a checkpoint.pth to continue from; auto: --output_dir's checkpoint.pth if it has one, else
+    #  start there afresh (a requeued job reruns the same command; a torchrun restart does this by itself)
     overwrite: bool = False  # replace a run already in --output_dir instead of refusing to write there
     save_interval: int = 0  # optimizer steps between checkpoints; 0 = once per epoch
+    dist_timeout: float = 10.0  # minutes a collective waits for a lost or hung process before the run stops
     num_workers: int = -1  # DataLoader workers per process; -1 = 4 on a GPU, 0 on the CPU
     device: str = ""  # "" = cuda if there is one, else cpu
     threads: int = 0  # CPU threads for torch's ops, fixed whatever the load; 0 = OMP_NUM_THREADS, else one

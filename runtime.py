@@ -14,6 +14,7 @@ run starts leave free.
 """
 import argparse
 import dataclasses
+import datetime
 import os
 import signal
 import threading
@@ -36,9 +37,11 @@ def plain_warnings():
     warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
 
 
-def setup_distributed(device: str):
+def setup_distributed(device: str, timeout_minutes: float = 10.0):
     """(rank, world size, device): torchrun's environment if present (NCCL on GPUs, Gloo on the
-    CPU), else a single plain process."""
+    CPU), else a single plain process. A collective that waits longer than timeout_minutes on a
+    peer that died or hangs raises (Gloo) or aborts the process (NCCL's watchdog), so torchrun can
+    restart the group instead of every rank waiting for torch's default 30 minutes."""
     cuda = torch.cuda.is_available() and device != "cpu"
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device or ("cuda" if cuda else "cpu"))
@@ -46,8 +49,37 @@ def setup_distributed(device: str):
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **attempt_store(rank, world, timeout))
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def restart_count() -> int:
+    """How often torchrun (--max_restarts) has restarted this group: 0 on its first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def attempt_store(rank: int, world: int, timeout) -> dict:
+    """init_process_group's store for this attempt of a torchrun group, {} outside torchrun.
+    torchrun's agent keeps one key-value store for the whole job, and the processes of a
+    restarted group meet there again: each writes its address under the same key as before, so
+    a fast one can read a dead predecessor's address and fail to connect ("Connection refused",
+    measured with Gloo). A prefix of the attempt's own keeps each attempt's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"lavin/attempt{restart_count()}", agent), "rank": rank, "world_size": world}
+
+
+def peer_lost(e: BaseException) -> str:
+    """The one-line reason when e is a collective giving up on a rank that died or hangs (Gloo's
+    timeout or closed connection, torch's DistError), else ""."""
+    text = str(e)
+    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in text):
+        return ""
+    reason = text.split("] ", 1)[-1].split(". ")[0]  # past Gloo's [file:line], its first sentence
+    return f"rank {dist.get_rank()} lost a peer process ({reason})"
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -41,15 +41,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+import curves
 import data
-from adapter import load_trainable, trainable_state_dict
+from checkpoint import ADAPTERS, CHECKPOINT, LOG, find_resume, open_log, restore, save_checkpoint
 from config import TrainConfig, check_inputs, check_output, dry_run, evaluations, lavin_args, make_config, resolve
 from data.batching import IGNORE_INDEX
 from data.table import show_samples
 from evaluate import evaluate_split
-from lavin import LaVIN, atomic_save, compile_blocks, load_lavin, save_adapters
-from runtime import (Interrupted, StopRequest, UsageError, busy_cores_note, pick_dtype, plain_warnings,
-                     setup_distributed, use_compile)
+from lavin import LaVIN, compile_blocks, load_lavin
+from runtime import (Interrupted, StopRequest, UsageError, busy_cores_note, peer_lost, pick_dtype, plain_warnings,
+                     restart_count, setup_distributed, use_compile)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -80,56 +81,6 @@ def make_optimizer(model: LaVIN, cfg: TrainConfig, lr: float, fused: bool) -> to
             (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused, foreach=not fused)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def save_checkpoint(run: "Run"):
-    """checkpoint.pth (what --resume reads) and adapters.pth (what sample.py reads). Every rank
-    calls this: the RNG states of all ranks go into the file, written by rank 0."""
-    rngs = [rng_state(run.device)]
-    if dist.is_initialized():
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, rng_state(run.device))
-    if run.rank != 0:
-        return
-    model, cfg = run.model, asdict(run.cfg)
-    state = {"model": {k: v.detach().float().cpu() for k, v in trainable_state_dict(model).items()},
-             "optimizer": run.opt.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
-             "step": run.step, "rng": rngs, "world_size": run.world, "config": cfg,
-             "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args),
-             "global_batch": run.global_batch, "steps_per_epoch": run.steps_per_epoch, "skipped": run.skipped}
-    atomic_save(state, run.out / "checkpoint.pth")
-    save_adapters(run.out / "adapters.pth", model, config=cfg, step=run.step)
-
-
-def read_resume(cfg: TrainConfig) -> dict:
-    """The checkpoint to resume from, checked against this run's model settings."""
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise UsageError(f"--resume {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config", "lavin_args"} <= set(ckpt):
-        raise UsageError(f"--resume {path}: not a train.py checkpoint (adapters.pth only holds weights: "
-                         f"resume from checkpoint.pth)")
-    mine = asdict(lavin_args(cfg))
-    for key, theirs in ckpt["lavin_args"].items():
-        if key != "adapter_dropout" and mine.get(key) != theirs:
-            raise UsageError(f"--resume {path} was trained with {key}={theirs}, this run has {key}={mine.get(key)} "
-                             f"(preset {ckpt['config'].get('preset')} vs {cfg.preset})")
-    for key, before in (("dataset", None), ("epochs", None), ("bits", 16)):  # bits: 16 before LaVIN-lite
-        if ckpt["config"].get(key, before) != getattr(cfg, key):
-            raise UsageError(f"--resume {path} comes from a run with {key}={ckpt['config'].get(key, before)}, "
-                             f"this run has {key}={getattr(cfg, key)}")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------- data
@@ -164,12 +115,15 @@ def check_images(ds, skip: bool, rank: int, world: int) -> int:
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> float:
+def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> tuple[float, float, int]:
     """Forward and backward over the micro-batches of one optimizer step, then the AdamW step.
-    Returns the step's mean loss per answer token over all ranks: NaN (or inf) when the step was
-    skipped, which every rank then does together (they all see the same summed loss)."""
-    # The answer tokens of the whole step, over every rank: the loss's denominator.
-    n_tokens = all_sum(torch.tensor(float(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro)), device=device))
+    Returns (the step's mean loss per answer token over all ranks, the adapters' gradient norm,
+    the tokens read over all ranks). The loss is NaN (or inf) when the step was skipped, which
+    every rank then does together (they all see the same summed loss)."""
+    # The answer tokens of the whole step over every rank (the loss's denominator), and all tokens read.
+    counts = all_sum(torch.tensor([float(sum((b["labels"] != IGNORE_INDEX).sum() for b in micro)),
+                                   float(sum(b["lengths"].sum() for b in micro))], device=device))
+    n_tokens = counts[0]
     scale = world / n_tokens.clamp(min=1)  # DDP averages gradients over ranks: undo that, divide by the total
     loss_sum = torch.zeros((), device=device)
     for j, b in enumerate(micro):
@@ -180,8 +134,14 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> f
             loss = part * scale
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += part.detach().float()
+    if scaler:
+        scaler.unscale_(opt)  # the gradients' true size, for their norm; scaler.step does not unscale twice
+    # The same on every rank: the gradients are all-reduced. The official loop computes it too.
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"]
+                                               if p.grad is not None])
     # NaN when there is nothing to learn from (every answer truncated away); one host sync per step
-    loss_value = torch.where(n_tokens > 0, all_sum(loss_sum) / n_tokens.clamp(min=1), float("nan")).item()
+    loss_value, norm = torch.stack([torch.where(n_tokens > 0, all_sum(loss_sum) / n_tokens.clamp(min=1),
+                                                float("nan")), grad_norm.float()]).tolist()
     if math.isfinite(loss_value):
         if scaler:
             scaler.step(opt)
@@ -191,7 +151,7 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> f
     elif scaler:  # as GradScaler does on an overflow: back off the scale
         scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
     opt.zero_grad(set_to_none=True)
-    return loss_value
+    return loss_value, norm, int(counts[1].item())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -228,7 +188,7 @@ class Run:
 def main(cfg: TrainConfig, notes=()) -> dict:
     """Train (and evaluate) as cfg says; returns {"steps", "loss", "skipped", "eval", "model"}."""
     cfg = resolve(cfg)
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = setup_distributed(cfg.device, cfg.dist_timeout)
     compiled, compile_note = use_compile(cfg.compile, cfg.no_compile, device)  # on a GPU by default
     cfg = dataclasses.replace(cfg, compile=compiled)  # from here: what this run does
     threads_note = busy_cores_note(device, cfg.threads)  # the CPU threads of this process
@@ -252,8 +212,10 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
         if dist.is_initialized():
             dist.barrier()
     check_inputs(cfg)
-    check_output(cfg)
-    ckpt = read_resume(cfg) if cfg.resume else None
+    if cfg.resume != "auto" and not restart_count():  # auto, or a restart: the folder's own run goes on
+        check_output(cfg)
+    ckpt, resume, resume_note = find_resume(cfg, asdict(lavin_args(cfg)))
+    cfg = dataclasses.replace(cfg, resume=resume)  # from here: the checkpoint this run resumes from, or ""
     if cfg.accum_iter == 0 and cfg.effective_batch % (cfg.batch_size * world):
         raise UsageError(f"effective batch {cfg.effective_batch} is not a multiple of batch_size {cfg.batch_size} "
                          f"x {world} processes: set --accum_iter or --effective_batch")
@@ -282,8 +244,10 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
               accum=accum, global_batch=global_batch, lr=lr, steps_per_epoch=steps_per_epoch,
               stop=min(total, cfg.max_steps) if cfg.max_steps else total, out=Path(cfg.output_dir))
     if ckpt is not None:
-        restore(run, ckpt)
+        restore(run, ckpt, resume_note)
     else:
+        if resume_note:
+            run.say(resume_note)
         torch.manual_seed(cfg.seed + rank)  # dropout differs between ranks
     if world > 1:
         # Only the adapters train: the frozen weights are read from the same files by every rank,
@@ -315,35 +279,13 @@ def build_model(cfg: TrainConfig, device, dtype) -> tuple[LaVIN, object]:
     return model, tok
 
 
-def restore(run: Run, ckpt: dict):
-    """Continue where the checkpoint stopped: adapters, optimizer, scaler, step and RNG states."""
-    cfg = run.cfg
-    if ckpt.get("global_batch") != run.global_batch or ckpt.get("steps_per_epoch") != run.steps_per_epoch:
-        raise UsageError(f"--resume {cfg.resume}: its run had {ckpt.get('global_batch')} samples per step and "
-                         f"{ckpt.get('steps_per_epoch')} steps per epoch, this one {run.global_batch} and "
-                         f"{run.steps_per_epoch}: resume with the same batch settings")
-    try:
-        load_trainable(run.model, ckpt["model"], source=cfg.resume)
-    except (KeyError, ValueError) as e:
-        raise UsageError(f"--resume: {e}") from None
-    run.opt.load_state_dict(ckpt["optimizer"])
-    if run.scaler is not None and ckpt["scaler"]:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    run.step, run.skipped = ckpt["step"], ckpt.get("skipped", 0)
-    rng = ckpt["rng"][run.rank] if ckpt["world_size"] == run.world else ckpt["rng"][0]
-    torch.set_rng_state(rng["torch"])
-    if run.device.type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"], run.device)
-    run.say(f"resumed from {cfg.resume} at step {run.step}")
-
-
 def train_loop(run: Run) -> float:
     """Optimizer steps from run.step to run.stop, a line of log.jsonl each, checkpoints at every
     epoch's end, every --save_interval steps and at the stop. Returns the last step's loss."""
     from tqdm import tqdm
 
     cfg, out = run.cfg, run.out
-    log = open_log(out / "log.jsonl", run.step, resumed=bool(cfg.resume)) if run.rank == 0 else None
+    log = open_log(out / LOG, run.step, resumed=bool(cfg.resume)) if run.rank == 0 else None
     bar = tqdm(total=run.stop, initial=run.step, desc="training", unit="step", disable=run.rank != 0,
                dynamic_ncols=True)
     run.model.train()
@@ -384,7 +326,8 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
                 group["lr"] = lr
             micro = [next(batches) for _ in range(run.accum)]
             try:
-                loss = train_step(run.ddp, micro, run.opt, run.scaler, autocast, run.device, run.world)
+                loss, grad_norm, n_read = train_step(run.ddp, micro, run.opt, run.scaler, autocast, run.device,
+                                                     run.world)
             except torch.cuda.OutOfMemoryError:
                 raise UsageError(f"batch_size {cfg.batch_size} does not fit in GPU memory (the longest batch comes "
                                  f"first): lower --batch_size (--accum_iter keeps the effective batch) or add "
@@ -398,10 +341,13 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
                           f"of another length compiles once more; --no_compile runs eagerly)")
             compiled_once = True
             if log:
-                log.write(json.dumps({"step": run.step, "epoch": round(epoch + (i + 1) / run.steps_per_epoch, 4),
-                                      "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                                      "samples_per_s": round(rate, 2),
-                                      **({} if math.isfinite(loss) else {"skipped": True})}) + "\n")
+                row = {"step": run.step, "epoch": round(epoch + (i + 1) / run.steps_per_epoch, 4),
+                       "loss": loss if math.isfinite(loss) else None, "lr": lr, "samples_per_s": round(rate, 2),
+                       "tokens_per_s": round(n_read / seconds, 1),
+                       "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None}
+                if run.device.type == "cuda":
+                    row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 3)
+                log.write(json.dumps({**row, **({} if math.isfinite(loss) else {"skipped": True})}) + "\n")
                 log.flush()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
             bar.update()
@@ -409,18 +355,11 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
             if stopping or run.step == run.stop or i == run.steps_per_epoch - 1 or \
                     (cfg.save_interval and run.step % cfg.save_interval == 0):
                 save_checkpoint(run)
+                if run.rank == 0:
+                    curves.draw_run(run.out)
             if stopping:
                 return loss
     return loss
-
-
-def open_log(path: Path, step: int, resumed: bool):
-    """log.jsonl, a line per step: new, or for a resumed run the lines up to its checkpoint's step
-    (the steps logged after it, before a crash, run again and are logged again)."""
-    if resumed and path.is_file():
-        rows = path.read_text().splitlines()
-        path.write_text("".join(r + "\n" for r in rows if json.loads(r).get("step", step + 1) <= step))
-    return open(path, "a" if resumed else "w")
 
 
 def finish(run: Run, loss: float) -> dict:
@@ -443,7 +382,7 @@ def finish(run: Run, loss: float) -> dict:
             world_size=run.world, device=run.device, autocast_dtype=None if run.dtype == torch.float32 else run.dtype,
             compile=cfg.compile)
         if run.rank == 0:
-            with open(out / "log.jsonl", "a") as log:
+            with open(out / LOG, "a") as log:
                 log.write(json.dumps({"eval": evals[name]}) + "\n")
             if name in ("scienceqa", "shapes"):
                 show_samples(task, cfg.eval_split, cfg.prompt_format, out)
@@ -453,7 +392,7 @@ def finish(run: Run, loss: float) -> dict:
         print(f"talk to it:  python sample.py --run {out} --image <picture> --chat   (or in a browser: "
               f"python demo.py --run {out})")
     written = [str(folder / "results.json") for *_, folder in found if run.rank == 0]
-    files = [str(out / name) for name in ("log.jsonl", "checkpoint.pth", "adapters.pth")] + written
+    files = [str(out / name) for name in (LOG, CHECKPOINT, ADAPTERS, curves.CURVES)] + written
     run.say(f"wrote {', '.join(files)}")
     return result
 
@@ -465,6 +404,11 @@ if __name__ == "__main__":
         main(cfg, notes)
     except (UsageError, FileNotFoundError, data.scienceqa.DataError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:  # a rank died or hangs: one line each, then torchrun can restart the group
+        if not (lost := peer_lost(e)):
+            raise
+        sys.exit(f"error: {lost}; the run goes on from its last checkpoint when torchrun restarts the group "
+                 f"(--max_restarts N) or with --resume auto")
     except Interrupted as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank stopped, one says how to go on
             print(e, file=sys.stderr)

@@ -8,13 +8,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {  # a module may import only project modules of a lower level
     "quant": -1, "tokenizer": -1, "llama_files": -1,  # below model.py's loader: it quantizes, reads the tokenizer and the files
-    "model": 0, "clip": 0, "router": 0, "runtime": 0,
+    "model": 0, "clip": 0, "router": 0, "runtime": 0, "curves": 0,
     "adapter": 1,
     "lavin": 2,
     "data": 3,  # the data package: its modules may import one another
     "generate": 4,
     "evaluate": 5,
-    "config": 6,
+    "config": 6, "checkpoint": 6,
     "train": 7, "sample": 7,
     "benchmarks": 8, "demo": 8,  # benchmarks: the package, its modules may import one another
     "bench": 9, "docs": 9,  # docs/screenshot.py: the README's picture of demo.py's page

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import lavin
 import train
 from adapter import MMAdapter
 from clip import ResidualAttentionBlock, VisionTransformer
@@ -185,9 +186,9 @@ def test_resume_refuses_another_number_of_epochs(tiny_set, tmp_path):
 
 def test_atomic_save_survives_a_kill_while_writing(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    train.atomic_save({"step": 1, "w": torch.arange(10.0)}, path)
-    code = ("import sys, torch, train; sys.stdout.write('go\\n'); sys.stdout.flush(); "
-            f"train.atomic_save({{'step': 2, 'w': torch.ones(400_000_000, dtype=torch.uint8)}}, __import__('pathlib').Path({str(path)!r}))")
+    lavin.atomic_save({"step": 1, "w": torch.arange(10.0)}, path)
+    code = ("import sys, torch, lavin; sys.stdout.write('go\\n'); sys.stdout.flush(); "
+            f"lavin.atomic_save({{'step': 2, 'w': torch.ones(400_000_000, dtype=torch.uint8)}}, __import__('pathlib').Path({str(path)!r}))")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE)
     assert p.stdout.readline().strip() == b"go"
     tmp = path.with_name(path.name + ".tmp")
@@ -236,8 +237,9 @@ def test_an_inf_or_nan_loss_skips_the_step(weight):
         model.forward = lambda *a, **k: (model.adapter_w * float("nan")).sum()
     opt = train.make_optimizer(model, TrainConfig(), 1e-2, fused=False)
     batch = {"tokens": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3, dtype=torch.long),
-             "images": torch.zeros(1, 3, 4, 4), "img_indicator": torch.ones(1, dtype=torch.long)}
-    loss = train.train_step(model, [batch], opt, None, torch.autocast("cpu", enabled=False), torch.device("cpu"), 1)
+             "images": torch.zeros(1, 3, 4, 4), "img_indicator": torch.ones(1, dtype=torch.long),
+             "lengths": torch.tensor([3])}
+    loss, _, _ = train.train_step(model, [batch], opt, None, torch.autocast("cpu", enabled=False), torch.device("cpu"), 1)
     assert not math.isfinite(loss)
     assert torch.equal(model.adapter_w, torch.ones(3, 2))  # no step: the weights are as they were, finite
 
@@ -263,13 +265,14 @@ def _nan_worker(rank, world, init_file, results):
         images = torch.randn(2, 3, 32, 32, generator=g)
         if rank == 1:
             images[0, 0, 0, 0] = float("nan")  # this rank alone gets a NaN loss
-        batch = {"tokens": tokens, "labels": labels, "images": images, "img_indicator": torch.tensor([1, 0])}
+        batch = {"tokens": tokens, "labels": labels, "images": images, "img_indicator": torch.tensor([1, 0]),
+                 "lengths": torch.tensor([6, 6])}
         before = {k: v.clone() for k, v in model.state_dict().items() if "adapter" in k}
         autocast = torch.autocast("cpu", enabled=False)
-        first = train.train_step(ddp, [batch], opt, None, autocast, torch.device("cpu"), world)
+        first, _, _ = train.train_step(ddp, [batch], opt, None, autocast, torch.device("cpu"), world)
         same = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         batch["images"] = torch.nan_to_num(batch["images"])
-        second = train.train_step(ddp, [batch], opt, None, autocast, torch.device("cpu"), world)
+        second, _, _ = train.train_step(ddp, [batch], opt, None, autocast, torch.device("cpu"), world)
         moved = any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and \
             all(torch.isfinite(model.state_dict()[k]).all() for k in before)  # moved, and to numbers
         results.put((rank, first, same, second, moved))
@@ -534,7 +537,7 @@ def test_a_training_step_dispatches_no_more_ops_than_the_official_one():
     tokens[:, 0] = 1  # BOS
     labels = tokens.masked_fill(torch.arange(128) < 64, -100)  # the second half is the answer
     batch = {"tokens": tokens, "labels": labels, "images": torch.randn(4, 3, 28, 28, generator=g),
-             "img_indicator": torch.tensor([1, 1, 0, 0])}
+             "img_indicator": torch.tensor([1, 1, 0, 0]), "lengths": torch.full((4,), 128)}
     opt = train.make_optimizer(model, TrainConfig(), 1e-3, fused=True)
     no_autocast = torch.autocast("cpu", enabled=False)
     train.train_step(model, [batch], opt, None, no_autocast, torch.device("cpu"), 1)  # AdamW's state made
