@@ -258,15 +258,19 @@ def load_lavin(llama_path, clip_path, args: LaVINArgs | None = None, dtype=torch
 # ----------------------------------------------------------------------------- checkpoints
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash while
-    writing leaves the previous file whole."""
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash or an
+    error while writing leaves the previous file whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a vanished folder, a second Ctrl-C: no half-written file left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_adapters(path, model: LaVIN, **extra):

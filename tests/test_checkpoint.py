@@ -1,0 +1,177 @@
+"""checkpoint.py and what rests on it, with real processes: a worker killed under torchrun
+--max_restarts (the group restarts and carries on, bit for bit), a killed run rerun with --resume
+auto, a rank stopped with SIGSTOP (the other gives up within --dist_timeout, in one line), a
+checkpoint that cannot be written (the last one stays whole)."""
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from tests.helpers import config, losses, run_cli
+from runtime import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2 processes x batch 1 x 2 accumulated = 4 samples a step: 6 steps an epoch of the tiny set's 24
+TWO = ["--epochs", "3", "--batch_size", "1", "--effective_batch", "4", "--save_interval", "4", "--skip_eval",
+       "--seed", "7"]
+
+
+def torchrun(out: Path, *args, restarts=0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max_restarts", str(restarts), "train.py", *args, "--output_dir", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def worker(p: subprocess.Popen, rank: int, timeout=60) -> int:
+    """The pid of torchrun p's worker of that rank (its child whose RANK is rank)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def wait_for_steps(p: subprocess.Popen, out: Path, n: int, timeout=120):
+    deadline = time.time() + timeout
+    while len(losses(out)) < n if (out / "log.jsonl").exists() else True:
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.time() < deadline, "too slow"
+        time.sleep(0.02)
+
+
+def adapters(out: Path) -> dict:
+    return torch.load(out / "adapters.pth", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_set, tmp_path_factory) -> Path:
+    """The run that the interrupted ones must equal: 2 processes, dropout on, 18 steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = torchrun(out, "--data_path", str(tiny_set), *TWO)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert len(losses(out)) == 18
+    return out
+
+
+@pytest.mark.parametrize("killed,after,every", [(1, 5, "4"), (0, 1, "0")], ids=["after-checkpoint", "before-checkpoint"])
+def test_a_worker_killed_under_torchrun_restarts_and_carries_on_exactly(tiny_set, tmp_path, uninterrupted, killed,
+                                                                        after, every):
+    """SIGKILL to one worker: torchrun restarts the group, which forms again, resumes from the last
+    checkpoint (or starts again at step 0 before the first one) and ends equal to the uninterrupted
+    run: the same losses, one line a step, the same adapters (each rank's dropout RNG restored)."""
+    out = tmp_path / "run"
+    p = torchrun(out, "--data_path", str(tiny_set), *TWO, "--save_interval", every, restarts=1)  # 0: at step 6
+    wait_for_steps(p, out, after)
+    had = torch.load(out / "checkpoint.pth", weights_only=True)["step"] if (out / "checkpoint.pth").exists() else 0
+    os.kill(worker(p, killed), signal.SIGKILL)
+    said, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    if after > 1:
+        assert had >= 4, had  # the kill came after a checkpoint ...
+        at = re.search(f"restarted by torchrun \\(attempt 1\\): resuming from {re.escape(str(out))}/checkpoint.pth "
+                       f"at step (\\d+)\n", said)
+        assert at and int(at[1]) >= had, said[-2000:]
+    else:
+        assert had == 0  # ... or before the first one
+        assert f"restarted by torchrun (attempt 1): no checkpoint in {out} yet, starting from step 0" in said
+    assert losses(out) == losses(uninterrupted)
+    a, b = adapters(out), adapters(uninterrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_run_rerun_with_resume_auto_carries_on_exactly(tiny_set, tmp_path):
+    """The requeue: one process SIGKILLed mid-run, then the very same command again. --resume auto
+    starts afresh in the empty folder the first time and carries on from checkpoint.pth the second,
+    ending equal to an uninterrupted run (dropout on)."""
+    out = tmp_path / "run"
+    args = ["train.py", "--data_path", str(tiny_set), "--epochs", "3", "--batch_size", "2", "--effective_batch", "4",
+            "--save_interval", "3", "--skip_eval", "--resume", "auto", "--output_dir", str(out)]
+    p = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_steps(p, out, 5)  # past the checkpoint at step 3
+    p.kill()
+    said, _ = p.communicate()
+    assert f"--resume auto: no checkpoint in {out} yet, starting from step 0" in said
+    step = torch.load(out / "checkpoint.pth", weights_only=True)["step"]
+    assert 3 <= step < 18
+    r = run_cli(*args[1:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"--resume auto: resuming from {out / 'checkpoint.pth'} at step {step}" in r.stdout
+    train.main(config(tiny_set, tmp_path / "full", epochs=3, batch_size=2, effective_batch=4))
+    assert losses(out) == losses(tmp_path / "full") and len(losses(out)) == 18
+    a, b = adapters(out), adapters(tmp_path / "full")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_resume_auto_refuses_another_runs_folder(tiny_set, tmp_path):
+    out = tmp_path / "run"
+    train.main(config(tiny_set, out, max_steps=1))
+    with pytest.raises(UsageError, match=f"{out} already holds another run .*epochs=2, this run has epochs=3"):
+        train.main(config(tiny_set, out, epochs=3, resume="auto"))
+    with pytest.raises(UsageError, match="already holds a run"):  # and without auto, as before
+        train.main(config(tiny_set, out, max_steps=2))
+
+
+def test_a_rank_that_hangs_stops_the_other_within_the_timeout_in_one_line(tiny_set, tmp_path):
+    """SIGSTOP to rank 1 mid-run: rank 0 gives up within --dist_timeout (6 s here) and says so in one
+    line, not a page of Gloo traceback."""
+    out = tmp_path / "run"
+    p = torchrun(out, "--data_path", str(tiny_set), *TWO, "--epochs", "400", "--dist_timeout", "0.1")
+    wait_for_steps(p, out, 2)
+    rank0, rank1 = worker(p, 0), worker(p, 1)
+    os.kill(rank1, signal.SIGSTOP)
+    stopped = time.time()
+    while Path(f"/proc/{rank0}").exists() and Path(f"/proc/{rank0}/stat").read_text().split()[2] != "Z":
+        assert time.time() - stopped < 60, "rank 0 still waits"
+        time.sleep(0.1)
+    waited = time.time() - stopped
+    os.kill(rank1, signal.SIGKILL)  # torchrun would wait 30 s to kill a stopped process
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert 5 <= waited < 30, waited  # the timeout, not torch's 30 minutes
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 lost a peer process (Timed out"), err[-3000:]
+    assert "unbound_buffer.cc" not in err and "Traceback (most recent call last):\n  File \"" + str(ROOT) not in err
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole(tiny_set, tmp_path, monkeypatch):
+    """A full disk at the second checkpoint: the run stops with one line naming the file and the
+    reason, no temporary file is left, and the first checkpoint resumes the run exactly."""
+    out = tmp_path / "run"
+    save, calls = torch.save, []
+
+    def disk_full(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # checkpoint.pth and adapters.pth at step 2, then checkpoint.pth at step 3
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UsageError) as e:
+        train.main(config(tiny_set, out, save_interval=2))
+    assert str(e.value).startswith(f"cannot write {out / 'checkpoint.pth'} at step 3: No space left on device;")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["adapters.pth", "checkpoint.pth", "curves.png", "log.jsonl"]
+    monkeypatch.setattr(torch, "save", save)
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+    train.main(config(tiny_set, out, save_interval=2, resume="auto"))
+    train.main(config(tiny_set, tmp_path / "full", save_interval=2))
+    assert losses(out) == losses(tmp_path / "full") and len(losses(out)) == 6
