@@ -54,7 +54,7 @@ class Panel:
         finite = [v for v in values if v is not None]
         lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
         pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
-        self.v0, self.v1 = lo - pad, hi + pad
+        self.v0, self.v1 = (lo - pad if lo < 0 or lo - pad >= 0 else 0.0), hi + pad  # a loss, an lr: from 0
         draw.rectangle([self.x0, self.y0, self.x1, self.y1], outline=INK)
         draw.text((self.x0, self.y0 - 18), title, fill=INK, font=font)
         for k in range(5):  # value ticks and grid lines
@@ -93,10 +93,10 @@ class Panel:
                 self.draw.text((x + 2, self.y0 + 2), f"{int(row['epoch'])}", fill=EPOCH_COLOR, font=self.font)
 
 
-def canvas(panels: int):
+def canvas(height: int):
     from PIL import Image, ImageDraw, ImageFont
 
-    picture = Image.new("RGB", (WIDTH, PANEL * panels), "white")
+    picture = Image.new("RGB", (WIDTH, height), "white")
     try:  # a scalable font where Pillow has FreeType (10.1+), else its bitmap one
         font = ImageFont.load_default(size=13)
     except TypeError:
@@ -117,7 +117,7 @@ def faint(color) -> tuple:
 def draw_run(folder) -> Path:
     """folder/curves.png from folder/log.jsonl: the loss above, the learning rate below, epochs marked."""
     rows = read_log(folder)
-    picture, draw, font = canvas(2)
+    picture, draw, font = canvas(2 * PANEL)
     steps, values, mean = losses(rows)
     span = (0, steps[-1] if steps else 1)
     loss = Panel(draw, font, 0, f"loss per answer token ({Path(folder).name}, {len(rows)} steps)", span, values)
@@ -134,22 +134,21 @@ def draw_run(folder) -> Path:
 
 
 def draw_compare(folders: list, out) -> list[tuple[str, tuple]]:
-    """The runs' losses on one picture at out, a color each; returns the legend, (name, color) per run."""
+    """The runs' losses on one picture at out, a color each (their running means: a step's loss
+    follows its batch, and several runs' raw losses hide one another); returns the legend, (name,
+    color) per run."""
     logs = [read_log(f) for f in folders]
     names = [Path(f).name for f in folders]
     if len(set(names)) < len(names):  # two runs of the same name in different places: their paths
         names = [str(f) for f in folders]
-    picture, draw, font = canvas(1)
+    picture, draw, font = canvas(PANEL)
     span = (0, max((rows[-1]["step"] for rows in logs if rows), default=1))
-    panel = Panel(draw, font, 0, "loss per answer token", span,
-                  [v for rows in logs for v in losses(rows)[1]])
-    legend = []
-    for k, (name, rows) in enumerate(zip(names, logs)):
-        color = COLORS[k % len(COLORS)]
-        steps, values, mean = losses(rows)
-        panel.line(steps, values, faint(color), width=1)
+    means = [losses(rows)[::2] for rows in logs]  # (steps, running mean) of each run
+    panel = Panel(draw, font, 0, "loss per answer token (each run's running mean over a twentieth of it)", span,
+                  [v for _, mean in means for v in mean])
+    legend = [(name, COLORS[k % len(COLORS)]) for k, name in enumerate(names)]
+    for (steps, mean), (_, color) in reversed(list(zip(means, legend))):  # the first run drawn last, on top
         panel.line(steps, mean, color)
-        legend.append((name, color))
     x, y = panel.x1 - 260, panel.y0 + 8  # the legend, top right (losses fall: that corner stays clear)
     draw.rectangle([x - 6, y - 4, panel.x1 - 6, y + 18 * len(legend)], fill="white", outline=GRID)
     for k, (name, color) in enumerate(legend):
@@ -159,12 +158,17 @@ def draw_compare(folders: list, out) -> list[tuple[str, tuple]]:
     return legend
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """main's command line (tests/test_docs.py checks the docs' commands with it)."""
     ap = argparse.ArgumentParser(description="Draw runs' loss curves on one picture from their log.jsonl.",
                                  allow_abbrev=False)
     ap.add_argument("runs", nargs="+", help="output folders of train.py (each holds a log.jsonl)")
     ap.add_argument("--out", default=CURVES, help=f"the picture to write (default: {CURVES})")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     missing = [r for r in args.runs if not (Path(r) / "log.jsonl").is_file()]
     if missing:
         sys.exit(f"error: no log.jsonl in {', '.join(missing)}: give train.py's output folders")

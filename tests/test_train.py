@@ -110,6 +110,31 @@ def test_log_has_one_line_per_step_and_the_lr_moves_every_iteration(tiny_set, tm
         assert r["lr"] == pytest.approx(want)
     assert rows[0]["lr"] == 0 and rows[1]["lr"] > 0 and rows[6]["lr"] == pytest.approx(lr)
     assert [r["epoch"] for r in rows][2::3] == [1, 2]
+    assert all(r["tokens_per_s"] > r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in rows[1:])
+    assert all("peak_memory_gib" not in r for r in rows)  # a GPU's figure
+
+
+def test_a_step_reports_the_adapters_gradient_norm_and_the_tokens_it_read():
+    """train_step's gradient norm against the gradients of the same loss taken by hand (float64
+    norm of every trainable parameter's gradient), and its count of the tokens read."""
+    import copy
+
+    model = tiny_lavin(seed=0, adapter_dropout=0.0).train()
+    reference = copy.deepcopy(model)
+    tokens, images, ind, labels = batch()
+    micro = [{"tokens": tokens[:2], "images": images[:2], "img_indicator": ind[:2], "labels": labels[:2],
+              "lengths": torch.tensor([7, 5])}, {"tokens": tokens[2:], "images": images[2:],
+              "img_indicator": ind[2:], "labels": labels[2:], "lengths": torch.tensor([6])}]
+    loss = sum(reference(b["tokens"], b["images"], b["img_indicator"], b["labels"], reduction="sum")
+               for b in micro) / (labels != -100).sum()
+    loss.backward()
+    want = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in reference.parameters() if p.grad is not None))
+    opt = train.make_optimizer(model, TrainConfig(), 1e-3, fused=False)
+    got, norm, n_read = train.train_step(model, micro, opt, None, torch.autocast("cpu", enabled=False),
+                                         torch.device("cpu"), 1)
+    assert got == pytest.approx(loss.item(), rel=1e-6)
+    assert norm == pytest.approx(want, rel=1e-5) and want > 0
+    assert n_read == 18
 
 
 @pytest.fixture
