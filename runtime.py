@@ -76,7 +76,8 @@ def peer_lost(e: BaseException) -> str:
     """The one-line reason when e is a collective giving up on a rank that died or hangs (Gloo's
     timeout or closed connection, torch's DistError), else ""."""
     text = str(e)
-    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in text):
+    gloo = "gloo" in text and any(w in text for w in ("Timed out", "Connection", "closed"))
+    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or gloo):
         return ""
     reason = text.split("] ", 1)[-1].split(". ")[0]  # past Gloo's [file:line], its first sentence
     return f"rank {dist.get_rank()} lost a peer process ({reason})"

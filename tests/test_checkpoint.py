@@ -3,7 +3,6 @@
 auto, a rank stopped with SIGSTOP (the other gives up within --dist_timeout, in one line), a
 checkpoint that cannot be written (the last one stays whole)."""
 import errno
-import json
 import os
 import re
 import signal
@@ -16,13 +15,12 @@ import pytest
 import torch
 
 import train
-from tests.helpers import config, losses, run_cli
+from tests.helpers import config, losses
 from runtime import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 processes x batch 1 x 2 accumulated = 4 samples a step: 6 steps an epoch of the tiny set's 24
-TWO = ["--epochs", "3", "--batch_size", "1", "--effective_batch", "4", "--save_interval", "4", "--skip_eval",
-       "--seed", "7"]
+TWO = ["--epochs", "3", "--batch_size", "1", "--effective_batch", "4", "--skip_eval", "--seed", "7"]
 
 
 def torchrun(out: Path, *args, restarts=0) -> subprocess.Popen:
@@ -59,44 +57,40 @@ def adapters(out: Path) -> dict:
     return torch.load(out / "adapters.pth", weights_only=True)["model"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_set, tmp_path_factory) -> Path:
-    """The run that the interrupted ones must equal: 2 processes, dropout on, 18 steps."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    p = torchrun(out, "--data_path", str(tiny_set), *TWO)
+def test_workers_killed_under_torchrun_restart_and_carry_on_exactly(tiny_set, tmp_path):
+    """SIGKILL to rank 0 before the first checkpoint, then to rank 1 after one: torchrun restarts the
+    group twice, which forms again each time, starts again at step 0, then resumes from the
+    checkpoint, and ends equal to the uninterrupted run: the same losses, one line a step, the same
+    adapters (each rank's dropout RNG restored). Checkpoints at the epochs' ends: steps 6, 12, 18."""
+    full = tmp_path / "full"
+    p = torchrun(full, "--data_path", str(tiny_set), *TWO)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
-    assert len(losses(out)) == 18
-    return out
-
-
-@pytest.mark.parametrize("killed,after,every", [(1, 5, "4"), (0, 1, "0")], ids=["after-checkpoint", "before-checkpoint"])
-def test_a_worker_killed_under_torchrun_restarts_and_carries_on_exactly(tiny_set, tmp_path, uninterrupted, killed,
-                                                                        after, every):
-    """SIGKILL to one worker: torchrun restarts the group, which forms again, resumes from the last
-    checkpoint (or starts again at step 0 before the first one) and ends equal to the uninterrupted
-    run: the same losses, one line a step, the same adapters (each rank's dropout RNG restored)."""
     out = tmp_path / "run"
-    p = torchrun(out, "--data_path", str(tiny_set), *TWO, "--save_interval", every, restarts=1)  # 0: at step 6
-    wait_for_steps(p, out, after)
-    had = torch.load(out / "checkpoint.pth", weights_only=True)["step"] if (out / "checkpoint.pth").exists() else 0
-    os.kill(worker(p, killed), signal.SIGKILL)
+    p = torchrun(out, "--data_path", str(tiny_set), *TWO, restarts=2)
+    wait_for_steps(p, out, 1)
+    first = worker(p, 1)
+    os.kill(worker(p, 0), signal.SIGKILL)
+    assert not (out / "checkpoint.pth").exists()  # the kill came before the first checkpoint
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pth").exists():  # the restarted group's first checkpoint
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.02)
+    second = worker(p, 1)
+    assert second != first
+    os.kill(second, signal.SIGKILL)
     said, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
-    if after > 1:
-        assert had >= 4, had  # the kill came after a checkpoint ...
-        at = re.search(f"restarted by torchrun \\(attempt 1\\): resuming from {re.escape(str(out))}/checkpoint.pth "
-                       f"at step (\\d+)\n", said)
-        assert at and int(at[1]) >= had, said[-2000:]
-    else:
-        assert had == 0  # ... or before the first one
-        assert f"restarted by torchrun (attempt 1): no checkpoint in {out} yet, starting from step 0" in said
-    assert losses(out) == losses(uninterrupted)
-    a, b = adapters(out), adapters(uninterrupted)
+    assert f"restarted by torchrun (attempt 1): no checkpoint in {out} yet, starting from step 0\n" in said
+    at = re.search(f"restarted by torchrun \\(attempt 2\\): resuming from {re.escape(str(out))}/checkpoint.pth "
+                   f"at step (\\d+)\n", said)
+    assert at and int(at[1]) in (6, 12), said[-2000:]
+    assert losses(out) == losses(full) and len(losses(out)) == 18
+    a, b = adapters(out), adapters(full)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_killed_run_rerun_with_resume_auto_carries_on_exactly(tiny_set, tmp_path):
+def test_a_killed_run_rerun_with_resume_auto_carries_on_exactly(tiny_set, tmp_path, capsys):
     """The requeue: one process SIGKILLed mid-run, then the very same command again. --resume auto
     starts afresh in the empty folder the first time and carries on from checkpoint.pth the second,
     ending equal to an uninterrupted run (dropout on)."""
@@ -111,9 +105,8 @@ def test_a_killed_run_rerun_with_resume_auto_carries_on_exactly(tiny_set, tmp_pa
     assert f"--resume auto: no checkpoint in {out} yet, starting from step 0" in said
     step = torch.load(out / "checkpoint.pth", weights_only=True)["step"]
     assert 3 <= step < 18
-    r = run_cli(*args[1:])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"--resume auto: resuming from {out / 'checkpoint.pth'} at step {step}" in r.stdout
+    train.main(*train.make_config(args[1:]))  # the same command again, in this process
+    assert f"--resume auto: resuming from {out / 'checkpoint.pth'} at step {step}\n" in capsys.readouterr().out
     train.main(config(tiny_set, tmp_path / "full", epochs=3, batch_size=2, effective_batch=4))
     assert losses(out) == losses(tmp_path / "full") and len(losses(out)) == 18
     a, b = adapters(out), adapters(tmp_path / "full")
@@ -130,10 +123,10 @@ def test_resume_auto_refuses_another_runs_folder(tiny_set, tmp_path):
 
 
 def test_a_rank_that_hangs_stops_the_other_within_the_timeout_in_one_line(tiny_set, tmp_path):
-    """SIGSTOP to rank 1 mid-run: rank 0 gives up within --dist_timeout (6 s here) and says so in one
+    """SIGSTOP to rank 1 mid-run: rank 0 gives up within --dist_timeout (3 s here) and says so in one
     line, not a page of Gloo traceback."""
     out = tmp_path / "run"
-    p = torchrun(out, "--data_path", str(tiny_set), *TWO, "--epochs", "400", "--dist_timeout", "0.1")
+    p = torchrun(out, "--data_path", str(tiny_set), *TWO, "--epochs", "400", "--dist_timeout", "0.05")
     wait_for_steps(p, out, 2)
     rank0, rank1 = worker(p, 0), worker(p, 1)
     os.kill(rank1, signal.SIGSTOP)
@@ -145,7 +138,7 @@ def test_a_rank_that_hangs_stops_the_other_within_the_timeout_in_one_line(tiny_s
     os.kill(rank1, signal.SIGKILL)  # torchrun would wait 30 s to kill a stopped process
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0
-    assert 5 <= waited < 30, waited  # the timeout, not torch's 30 minutes
+    assert 2.5 <= waited < 30, waited  # the timeout, not torch's 30 minutes
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: rank 0 lost a peer process (Timed out"), err[-3000:]
     assert "unbound_buffer.cc" not in err and "Traceback (most recent call last):\n  File \"" + str(ROOT) not in err
