@@ -216,6 +216,8 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
         check_output(cfg)
     ckpt, resume, resume_note = find_resume(cfg, asdict(lavin_args(cfg)))
     cfg = dataclasses.replace(cfg, resume=resume)  # from here: the checkpoint this run resumes from, or ""
+    if ckpt is None and cfg.overwrite and rank == 0:  # the replaced run's: a restart must not resume from it
+        Path(cfg.output_dir, CHECKPOINT).unlink(missing_ok=True)
     if cfg.accum_iter == 0 and cfg.effective_batch % (cfg.batch_size * world):
         raise UsageError(f"effective batch {cfg.effective_batch} is not a multiple of batch_size {cfg.batch_size} "
                          f"x {world} processes: set --accum_iter or --effective_batch")

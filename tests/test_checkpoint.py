@@ -168,3 +168,23 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole(tiny_set,
     train.main(config(tiny_set, out, save_interval=2, resume="auto"))
     train.main(config(tiny_set, tmp_path / "full", save_interval=2))
     assert losses(out) == losses(tmp_path / "full") and len(losses(out)) == 6
+
+
+def test_overwrite_then_a_crash_before_the_first_checkpoint_restarts_at_step_0(tiny_set, tmp_path, monkeypatch):
+    """--overwrite replaces the folder's run: its checkpoint goes at the start, so a torchrun restart
+    of the new run before its own first checkpoint starts again instead of resuming the old one."""
+    out = tmp_path / "run"
+    train.main(config(tiny_set, out, max_steps=2))
+    real = train.train_step
+
+    def crash(*args):
+        raise RuntimeError("a worker died")
+
+    monkeypatch.setattr(train, "train_step", crash)
+    with pytest.raises(RuntimeError, match="a worker died"):
+        train.main(config(tiny_set, out, overwrite=True, adapter_dim=4))  # another model: no resume possible
+    assert not (out / "checkpoint.pth").exists()
+    monkeypatch.setattr(train, "train_step", real)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result = train.main(config(tiny_set, out, overwrite=True, adapter_dim=4, max_steps=2))
+    assert result["steps"] == 2 and len(losses(out)) == 2
