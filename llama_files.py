@@ -95,6 +95,20 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rope_scaling(scaling: dict | None, folder: Path) -> dict:
+    """ModelArgs' RoPE-scaling fields from config.json's rope_scaling: LLaMA-3.1's ("llama3"), or
+    none; another kind (linear, dynamic, yarn) is refused rather than read as something else."""
+    if not scaling:
+        return {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ValueError(f"{folder}/config.json: rope_scaling of type {kind!r}; this LLaMA reads LLaMA-3.1's "
+                         f"('llama3') only")
+    return dict(use_scaled_rope=True, rope_scaling_factor=scaling["factor"],
+                rope_low_freq_factor=scaling["low_freq_factor"], rope_high_freq_factor=scaling["high_freq_factor"],
+                rope_original_context=scaling["original_max_position_embeddings"])
+
+
 def read_hf(folder: Path):
     """ModelArgs' fields and a Meta-named state dict from config.json + pytorch_model*.bin / *.safetensors."""
     cfg = json.loads((folder / "config.json").read_text())
@@ -108,6 +122,7 @@ def read_hf(folder: Path):
                   vocab_size=cfg["vocab_size"], multiple_of=inter,
                   ffn_dim_multiplier=None if base <= inter else inter / base,
                   norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0))
+    params.update(rope_scaling(cfg.get("rope_scaling"), folder))
     bins = sorted(folder.glob("pytorch_model*.bin"))
     tensors = sorted(folder.glob("*.safetensors"))
     raw = {}

@@ -20,6 +20,7 @@ linear layers are quantized (quant.py) as their weights stream in (LaVIN-lite).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -45,12 +46,26 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Not in params.json.
+    use_scaled_rope: bool = False  # LLaMA-3.1 and 3.2: RoPE's long wavelengths stretched (scale_rope)
+    # Not in params.json: LLaMA-3.1's RoPE scaling (Hugging Face's config.json states it as rope_scaling;
+    # LLaMA-3.2's 1B and 3B take factor 32, which only their config.json says).
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # the context the model was first trained at
     max_seq_len: int = 2048  # longest sequence a KV cache is made for
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rope_scaling(self) -> tuple | None:
+        """(factor, low_freq_factor, high_freq_factor, original context) for scale_rope, or None."""
+        if not self.use_scaled_rope:
+            return None
+        return (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_context)
 
     @property
     def kv_heads(self) -> int:
@@ -85,10 +100,22 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
+def scale_rope(inv_freq: torch.Tensor, factor: float, low: float, high: float, context: int) -> torch.Tensor:
+    """LLaMA-3.1's RoPE scaling: the frequencies whose wavelength fits context / high times in
+    the original context are kept, those longer than context / low are divided by factor, and
+    the ones between move smoothly from one to the other."""
+    wavelength = 2 * math.pi / inv_freq
+    s = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+    return (1 - s) * inv_freq / factor + s * inv_freq
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, scaling: tuple | None = None):
     """Each position's rotation as the factors apply_rope multiplies by, made once per forward:
-    cos = (c, c) and sin = (-s, s) for each pair of dims, each (..., T, 1, head_dim/2, 2), fp32."""
+    cos = (c, c) and sin = (-s, s) for each pair of dims, each (..., T, 1, head_dim/2, 2), fp32.
+    scaling: ModelArgs.rope_scaling (LLaMA-3.1 and 3.2), or None."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    if scaling is not None:
+        inv_freq = scale_rope(inv_freq, *scaling)
     angles = positions.float()[..., None, None] * inv_freq  # (..., T, 1, hd/2)
     c, s = angles.cos(), angles.sin()
     return torch.stack((c, c), -1), torch.stack((-s, s), -1)  # each (..., T, 1, hd/2, 2)
@@ -272,7 +299,8 @@ class Llama(nn.Module):
             real = keys[None, None, None, :] >= cache.pad[:, None, None, None]  # (B, 1, 1, S)
             # A padding query sees itself: some SDPA kernels give NaN for a row with no key to see.
             mask = mask & (real | (keys[None, :] == slots[:, None])[None, None])  # (B, 1, T, S)
-        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # each ([B,] T, 1, hd/2, 2)
+        # each ([B,] T, 1, hd/2, 2)
+        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, (layer, r) in enumerate(zip(self.layers, per_block(routes, self.layers))):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
@@ -293,7 +321,8 @@ class Llama(nn.Module):
         keys = torch.arange(cache.max_len, device=embeds.device)  # (S,)
         mask = (keys <= slot) & (keys >= cache.pad[:, None])  # (B, S): written, and not padding
         positions = (slot - cache.pad)[:, None] + pos_offset  # (B, 1): counted from the first real token
-        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta)  # each (B, 1, 1, hd/2, 2)
+        # each (B, 1, 1, hd/2, 2)
+        rope = rope_angles(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         h = embeds
         for i, (layer, r) in enumerate(zip(self.layers, per_block(routes, self.layers))):
             h, _ = layer(h, rope, mask[:, None, None], (cache.k[i], cache.v[i]), slot, r, fixed_shapes=True)

@@ -1,4 +1,5 @@
 """LLaMA in model.py: numerics against a float64 reference, KV cache, loading both layouts, errors."""
+import dataclasses
 import json
 import math
 
@@ -25,6 +26,8 @@ def reference_logits(state, args, tokens, pos_offset=0):
 
     def rotate(x, t):  # x (hd,) at position t, pairs (0,1), (2,3), ...
         freqs = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        if args.use_scaled_rope:
+            freqs = torch.tensor([llama31_frequency(f.item(), args) for f in freqs], dtype=torch.float64)
         z = torch.view_as_complex(x.reshape(hd // 2, 2).contiguous()) * torch.polar(
             torch.ones(hd // 2, dtype=torch.float64), t * freqs)
         return torch.view_as_real(z).reshape(hd)
@@ -57,6 +60,17 @@ def reference_logits(state, args, tokens, pos_offset=0):
     return torch.stack(out)
 
 
+def llama31_frequency(f: float, args) -> float:
+    """One RoPE frequency as LLaMA-3.1 scales it, case by case."""
+    wavelength, context = 2 * math.pi / f, args.rope_original_context
+    if wavelength < context / args.rope_high_freq_factor:
+        return f
+    if wavelength > context / args.rope_low_freq_factor:
+        return f / args.rope_scaling_factor
+    s = (context / wavelength - args.rope_low_freq_factor) / (args.rope_high_freq_factor - args.rope_low_freq_factor)
+    return (1 - s) * f / args.rope_scaling_factor + s * f
+
+
 def model_from(args, state):
     m = Llama(args)
     m.load_state_dict(state)
@@ -71,6 +85,24 @@ def test_logits_match_float64_reference(n_kv_heads):
     got = model_from(args, state)(tokens).double()
     want = reference_logits(state, args, tokens)
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_llama31_logits_match_float64_reference():
+    """LLaMA-3.1's shape in small: grouped-query attention, rope_theta 500000 and RoPE scaling
+    (head_dim 16: of its 8 frequencies, 3 are kept, 4 divided by the factor and 1 moved between at
+    an original context of 1024)."""
+    args = tiny_args(n_kv_heads=2, rope_theta=500000.0, use_scaled_rope=True, rope_original_context=1024)
+    state = random_state(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 7))
+    got = model_from(args, state)(tokens).double()
+    want = reference_logits(state, args, tokens)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    plain = reference_logits(state, dataclasses.replace(args, use_scaled_rope=False), tokens)
+    assert (plain - want).abs().max() > 1e-3 * want.abs().max()  # the scaling changes the logits 10x more
+    inv = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    kept = [llama31_frequency(f.item(), args) == f.item() for f in inv]
+    divided = [abs(llama31_frequency(f.item(), args) - f.item() / 8) < 1e-18 for f in inv]
+    assert sum(kept) == 3 and sum(divided) == 4
 
 
 def test_rope_rotates_adjacent_pairs_at_absolute_positions():
