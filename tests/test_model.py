@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import KVCache, Llama, ModelArgs, Tokenizer, apply_rope, load_llama, rope_angles
-from tests.helpers import random_state, tiny_args, write_hf, write_meta
+from tests.helpers import edit_json, random_state, tiny_args, write_hf, write_meta
 
 
 @pytest.fixture(autouse=True)
@@ -144,6 +144,31 @@ def test_meta_one_and_two_shards_and_hf_give_identical_logits(tmp_path, tokenize
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
     want = reference_logits(state, args, tokens)
     assert (logits[0].double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_llama31_rope_scaling_reads_from_both_layouts(tmp_path, tokenizer_path):
+    """params.json's use_scaled_rope and config.json's rope_scaling (as LLaMA-3.1-8B's files state
+    them) give the same model; another kind of scaling is one error naming it."""
+    tok = Tokenizer(tokenizer_path)
+    args = tiny_args(vocab_size=tok.n_words, n_kv_heads=2, rope_theta=500000.0, use_scaled_rope=True)
+    state = random_state(args)
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32, norm_eps=1e-5,
+                  rope_theta=500000.0, use_scaled_rope=True)
+    write_meta(tmp_path / "meta", params, state)
+    write_hf(tmp_path / "hf", args, state)
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+              "rope_type": "llama3"}
+    edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(rope_theta=500000.0, rope_scaling=llama3))
+    meta, _ = load_llama(tmp_path / "meta")
+    hf, _ = load_llama(tmp_path / "hf")
+    assert meta.args.rope_scaling == hf.args.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    tokens = torch.randint(0, args.vocab_size, (1, 6))
+    assert torch.equal(meta(tokens), hf(tokens))
+    edit_json(tmp_path / "hf" / "config.json", lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="rope_scaling of type 'yarn'; this LLaMA reads LLaMA-3.1's"):
+        load_llama(tmp_path / "hf")
 
 
 def test_hf_safetensors(tmp_path, tokenizer_path):
@@ -293,8 +318,8 @@ def test_missing_and_unexpected_keys(meta_dir):
 
 
 def test_unknown_params_key(meta_dir):
-    write_meta(meta_dir, {**PARAMS, "use_scaled_rope": True}, random_state(tiny_args()))
-    with pytest.raises(ValueError, match="use_scaled_rope"):
+    write_meta(meta_dir, {**PARAMS, "moe_args": {"num_experts": 16}}, random_state(tiny_args()))  # LLaMA-4's
+    with pytest.raises(ValueError, match=r"keys this LLaMA does not know: \['moe_args'\]"):
         load_llama(meta_dir)
 
 
