@@ -12,11 +12,13 @@ visual tokens; a mixture-of-modality adapter sits before the attention of every 
 
 Parameter names equal OpenAI's vision keys without `visual.`, so loading needs no rename table.
 """
+import json
 import os
 import struct
 import warnings
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,10 +197,63 @@ def _read_checkpoint(path: str) -> dict:
             raise ValueError(f"cannot read CLIP checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
+# Hugging Face's names for the vision tower (openai/clip-vit-large-patch14 and -336) -> OpenAI's, per block.
+HF_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+            "self_attn.out_proj": "attn.out_proj"}
+HF_TOWER = {"vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+            "vision_model.embeddings.class_embedding": "class_embedding",
+            "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+            "vision_model.pre_layrnorm.weight": "ln_pre.weight", "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+            "vision_model.post_layernorm.weight": "ln_post.weight", "vision_model.post_layernorm.bias": "ln_post.bias"}
+
+
+def read_hf_clip(folder: str) -> dict:
+    """OpenAI-named vision weights from Hugging Face's CLIP layout: config.json and
+    model.safetensors or pytorch_model.bin. Its separate q, k and v projections are stacked into
+    OpenAI's in_proj; visual_projection (output, width) is OpenAI's proj transposed."""
+    config = json.loads(Path(folder, "config.json").read_text())
+    vision = config.get("vision_config", config)
+    if vision.get("hidden_act", "quick_gelu") != "quick_gelu" or vision.get("layer_norm_eps", 1e-5) != 1e-5:
+        raise ValueError(f"{folder}/config.json: hidden_act {vision.get('hidden_act')!r}, layer_norm_eps "
+                         f"{vision.get('layer_norm_eps')}: OpenAI's CLIP has quick_gelu and 1e-5")
+    files = [Path(folder, name) for name in ("model.safetensors", "pytorch_model.bin") if Path(folder, name).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
+    if files[0].suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"{files[0]}: pip install safetensors to read it") from e
+        hf = load_file(files[0])
+    else:
+        hf = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+    hf = {k: v for k, v in hf.items() if k.startswith(("vision_model.", "visual_projection."))
+          and not k.endswith("position_ids")}  # the text tower is not read; position_ids is arange
+    sd = {ours: hf.pop(theirs) for theirs, ours in HF_TOWER.items() if theirs in hf}
+    if "visual_projection.weight" in hf:
+        sd["proj"] = hf.pop("visual_projection.weight").t().contiguous()
+    for i in range(vision["num_hidden_layers"]):
+        hp, op = f"vision_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            qkv = [hf.pop(f"{hp}self_attn.{n}_proj.{part}", None) for n in "qkv"]
+            if all(t is not None for t in qkv):
+                sd[f"{op}attn.in_proj_{part}"] = torch.cat(qkv)  # (3 width[, width]): rows q, k, v
+            for theirs, ours in HF_BLOCK.items():
+                if f"{hp}{theirs}.{part}" in hf:
+                    sd[f"{op}{ours}.{part}"] = hf.pop(f"{hp}{theirs}.{part}")
+    if hf:
+        raise ValueError(f"{folder}: vision keys this CLIP does not know: {sorted(hf)[:8]}")
+    return sd
+
+
 def load_clip(path, dtype=torch.float32, device="cpu") -> VisionTransformer:
-    """The frozen vision tower of an OpenAI CLIP checkpoint (TorchScript archive or plain state dict)."""
+    """The frozen vision tower of an OpenAI CLIP checkpoint (TorchScript archive or plain state
+    dict), or of a folder in Hugging Face's layout (config.json and its weights)."""
     path = os.fspath(path)
-    sd = _read_checkpoint(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        sd = read_hf_clip(path)
+    else:
+        sd = _read_checkpoint(path)
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds a {type(sd).__name__}, not a CLIP state dict")
     # the vision keys are those next to `conv1.weight`: prefix "visual." in a full CLIP, "" in a tower
