@@ -123,6 +123,11 @@ def read_hf(folder: Path):
                   ffn_dim_multiplier=None if base <= inter else inter / base,
                   norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0))
     params.update(rope_scaling(cfg.get("rope_scaling"), folder))
+    if cfg.get("model_type", "llama") not in ("llama", "mistral"):
+        raise ValueError(f"{folder}/config.json: model_type {cfg['model_type']!r}; this LLaMA reads LLaMA's "
+                         f"and Mistral's")
+    if cfg.get("sliding_window") is not None:  # Mistral-7B v0.1: 4096; v0.2 and later: null
+        params["sliding_window"] = cfg["sliding_window"]
     bins = sorted(folder.glob("pytorch_model*.bin"))
     tensors = sorted(folder.glob("*.safetensors"))
     raw = {}

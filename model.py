@@ -53,6 +53,9 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192  # the context the model was first trained at
+    # Mistral's config.json: how far back its attention reaches. This model attends to every one of its
+    # max_seq_len positions, so it is exact while max_seq_len <= sliding_window (LaVIN's 512 vs 4096).
+    sliding_window: int | None = None
     max_seq_len: int = 2048  # longest sequence a KV cache is made for
 
     @property
@@ -362,6 +365,10 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
             f"Face's (config.json + pytorch_model*.bin or *.safetensors)")
     tokenizer = Tokenizer(find_tokenizer(folder))
     args = ModelArgs.from_params(params, max_seq_len=max_seq_len)
+    if args.sliding_window is not None and max_seq_len > args.sliding_window:
+        raise ValueError(f"{folder}: its attention reaches back {args.sliding_window} positions (config.json's "
+                         f"sliding_window) and max_seq_len {max_seq_len} would attend past them: give at most "
+                         f"{args.sliding_window}")
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
     with torch.device("meta"):

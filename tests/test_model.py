@@ -171,6 +171,28 @@ def test_llama31_rope_scaling_reads_from_both_layouts(tmp_path, tokenizer_path):
         load_llama(tmp_path / "hf")
 
 
+def test_mistral_in_hugging_faces_layout(tmp_path, tokenizer_path):
+    """Mistral-7B's config.json in small (model_type mistral, GQA, rope_theta 1e6, a sliding window):
+    the float64 reference's logits while max_seq_len stays within the window, one error past it;
+    another model_type is refused by name."""
+    args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words, n_kv_heads=2, rope_theta=1e6)
+    state = random_state(args)
+    write_hf(tmp_path, args, state)
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    edit_json(tmp_path / "config.json", lambda c: c.update(model_type="mistral", architectures=["MistralForCausalLM"],
+                                                           rope_theta=1e6, sliding_window=64))
+    model, _ = load_llama(tmp_path, max_seq_len=64)
+    assert model.args.sliding_window == 64 and model.args.rope_theta == 1e6 and model.args.kv_heads == 2
+    tokens = torch.randint(0, args.vocab_size, (2, 8))
+    want = reference_logits(state, args, tokens)
+    assert (model(tokens).double() - want).abs().max() < 1e-4 * want.abs().max()
+    with pytest.raises(ValueError, match="reaches back 64 positions .* max_seq_len 128 would attend past them"):
+        load_llama(tmp_path, max_seq_len=128)
+    edit_json(tmp_path / "config.json", lambda c: c.update(model_type="qwen2"))
+    with pytest.raises(ValueError, match="model_type 'qwen2'; this LLaMA reads LLaMA's and Mistral's"):
+        load_llama(tmp_path, max_seq_len=64)
+
+
 def test_hf_safetensors(tmp_path, tokenizer_path):
     pytest.importorskip("safetensors")
     args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words)
