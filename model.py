@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama_files import Lazy, check_state, read_hf, read_meta
 from quant import QuantLinear, quantize_
-from tokenizer import Tokenizer, find_tokenizer
+from tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -363,7 +363,7 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
         raise FileNotFoundError(
             f"{folder} holds neither Meta's layout (params.json + consolidated.NN.pth) nor Hugging "
             f"Face's (config.json + pytorch_model*.bin or *.safetensors)")
-    tokenizer = Tokenizer(find_tokenizer(folder))
+    tokenizer = load_tokenizer(find_tokenizer(folder))  # sentencepiece or LLaMA-3's ranks, as the file holds
     args = ModelArgs.from_params(params, max_seq_len=max_seq_len)
     if args.sliding_window is not None and max_seq_len > args.sliding_window:
         raise ValueError(f"{folder}: its attention reaches back {args.sliding_window} positions (config.json's "

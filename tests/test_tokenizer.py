@@ -1,0 +1,131 @@
+"""tokenizer.py's LLaMA-3 tokenizer (tiktoken's ranks file) against a BPE written here, and against
+tiktoken itself where it is installed, on a ranks file trained here from a small corpus."""
+import base64
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+import tokenizer
+from model import load_llama
+from tests.helpers import random_state, tiny_args, write_meta
+
+regex = pytest.importorskip("regex")
+
+# The pattern of Meta's llama3 tokenizer, typed here from its definition.
+PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TRAIN = ("The cat's toy isn't here; they'll say we've 12345 apples and 7 pears.\n\n  Indented   text\tand tabs. "
+         "Café au lait, naïve façade, Übermäßig große Straße, 東京は日本の首都です。 Привет, мир! 😀 emoji "
+         "I'm you're he'd THEY'LL We'VE 3.14159 2024-12-07 $100,000 #hashtag @user http://x.y/z?a=1 ") * 3
+CORPUS = ["Hello world", "It's 2026, isn't it?", "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n\n",
+          "Ünïcödé façade, 東京の猫 😀👍", "numbers 1234567 and 3.5e10", "CONTRACTIONS: I'M, WE'LL, THEY'D",
+          "a" * 50 + " " * 20 + "b", "<|eot_id|> is text here", "", "x\n\n\n   \n y", "中文,標點。混合abc123"]
+
+
+def train_ranks(n_merges=300, seed=0) -> dict[bytes, int]:
+    """A byte-level BPE vocabulary: the 256 bytes in a shuffled order (ranks need not follow byte
+    values), then the most frequent adjacent pair of the pieces, merged, n_merges times."""
+    order = list(range(256))
+    random.Random(seed).shuffle(order)
+    ranks = {bytes([b]): r for r, b in enumerate(order)}
+    words = Counter(tuple(bytes([c]) for c in p.encode()) for p in regex.findall(PATTERN, TRAIN))
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, n in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[a, b] += n
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        ranks.setdefault(a + b, len(ranks))
+        merged = Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return ranks
+
+
+def reference_encode(text: str, ranks: dict) -> list[int]:
+    """Classic BPE: the merges applied in the order they were learned, each over the whole piece."""
+    merges = sorted((r, t) for t, r in ranks.items() if len(t) > 1)
+    ids = []
+    for piece in regex.findall(PATTERN, text):
+        b = piece.encode()
+        if b in ranks:  # tiktoken and Meta take a piece that is a token whole
+            ids.append(ranks[b])
+            continue
+        parts = [b[i:i + 1] for i in range(len(b))]
+        for _, token in merges:
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] + parts[i + 1] == token:
+                    out.append(token)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            parts = out
+        ids += [ranks[p] for p in parts]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def ranks_file(tmp_path_factory):
+    ranks = train_ranks()
+    path = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    return path, ranks
+
+
+def test_llama3_tokenizer_equals_an_independent_bpe_and_round_trips(ranks_file):
+    path, ranks = ranks_file
+    tok = tokenizer.load_tokenizer(path)
+    assert isinstance(tok, tokenizer.TiktokenTokenizer)
+    assert (tok.n_words, tok.bos_id, tok.eos_id) == (len(ranks) + 256, len(ranks), len(ranks) + 1)
+    assert len(ranks) > 400  # merges were learned: the pieces are more than bytes
+    for text in CORPUS + [TRAIN]:
+        ids = tok.encode(text, bos=False, eos=False)
+        assert ids == reference_encode(text, ranks), text
+        assert tok.decode(ids) == text
+    ids = tok.encode("hi", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode([len(ranks) + 9]) == "<|eot_id|>" and len(ranks) + 9 in tok.stop_ids
+
+
+def test_llama3_tokenizer_equals_tiktoken(ranks_file):
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken (Meta's reference) is not installed")
+    path, ranks = ranks_file
+    special = {f"<|reserved_special_token_{i}|>": len(ranks) + i for i in range(256)}
+    enc = tiktoken.Encoding(name="tiny-llama3", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    tok = tokenizer.load_tokenizer(path)
+    for text in CORPUS + [TRAIN]:
+        assert tok.encode(text, bos=False, eos=False) == enc.encode(text, disallowed_special=()), text
+
+
+def test_long_runs_are_cut_as_meta_cuts_them():
+    assert [len(c) for c in tokenizer.chunks(" " * 60_000)] == [25_000, 25_000, 10_000]
+    assert [len(c) for c in tokenizer.chunks("ab " * 10)] == [30]
+    assert list(tokenizer.chunks("")) == [""]
+
+
+def test_load_llama_takes_the_llama3_tokenizer_from_its_file(ranks_file, tmp_path):
+    path, ranks = ranks_file
+    folder = tmp_path / "llama3"
+    args = tiny_args(vocab_size=len(ranks) + 256, n_kv_heads=2, rope_theta=500000.0, use_scaled_rope=True)
+    write_meta(folder, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(ranks) + 256, multiple_of=32,
+                            norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True), random_state(args))
+    (folder / "tokenizer.model").write_bytes(path.read_bytes())
+    model, tok = load_llama(folder)
+    assert isinstance(tok, tokenizer.TiktokenTokenizer) and model.args.vocab_size == tok.n_words
+    ids = torch.tensor([tok.encode("Café 東京 it's", bos=True, eos=False)])
+    assert model(ids).shape == (1, ids.shape[1], tok.n_words)
