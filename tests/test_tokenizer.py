@@ -21,7 +21,8 @@ TRAIN = ("The cat's toy isn't here; they'll say we've 12345 apples and 7 pears.\
          "I'm you're he'd THEY'LL We'VE 3.14159 2024-12-07 $100,000 #hashtag @user http://x.y/z?a=1 ") * 3
 CORPUS = ["Hello world", "It's 2026, isn't it?", "  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n\n",
           "Ünïcödé façade, 東京の猫 😀👍", "numbers 1234567 and 3.5e10", "CONTRACTIONS: I'M, WE'LL, THEY'D",
-          "a" * 50 + " " * 20 + "b", "<|eot_id|> is text here", "", "x\n\n\n   \n y", "中文,標點。混合abc123"]
+          "a" * 50 + " " * 20 + "b", "<|eot_id|> is text here", "", "x\n\n\n   \n y", "中文,標點。混合abc123",
+          "DON'TWORRY, 'VEry 'LLama HE'SOK"]  # upper-case contractions glued to letters: the (?i)
 
 
 def train_ranks(n_merges=300, seed=0) -> dict[bytes, int]:
@@ -110,6 +111,15 @@ def test_llama3_tokenizer_equals_tiktoken(ranks_file):
     tok = tokenizer.load_tokenizer(path)
     for text in CORPUS + [TRAIN]:
         assert tok.encode(text, bos=False, eos=False) == enc.encode(text, disallowed_special=()), text
+
+
+def test_pre_tokenisation_splits_as_llama3_does(ranks_file):
+    """The pieces, written out by hand: contractions of any case, one leading space or mark joined
+    to letters, digits in threes, a space left before the next word, newlines with their spaces."""
+    tok = tokenizer.load_tokenizer(ranks_file[0])
+    assert tok.pattern.findall("DON'TWORRY, it's 2026!") == ["DON", "'T", "WORRY", ",", " it", "'s", " ", "202", "6", "!"]
+    assert tok.pattern.findall("  hi  \n\n x") == [" ", " hi", "  \n\n", " x"]
+    assert tok.pattern.findall("Café東京123456") == ["Café東京", "123", "456"]
 
 
 def test_long_runs_are_cut_as_meta_cuts_them():
