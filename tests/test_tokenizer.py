@@ -84,7 +84,8 @@ def reference_encode(text: str, ranks: dict) -> list[int]:
 def ranks_file(tmp_path_factory):
     ranks = train_ranks()
     path = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
+    path.write_text("".join(lines))  # as Meta ships it: a line per token, in rank order
     return path, ranks
 
 
@@ -117,7 +118,8 @@ def test_pre_tokenisation_splits_as_llama3_does(ranks_file):
     """The pieces, written out by hand: contractions of any case, one leading space or mark joined
     to letters, digits in threes, a space left before the next word, newlines with their spaces."""
     tok = tokenizer.load_tokenizer(ranks_file[0])
-    assert tok.pattern.findall("DON'TWORRY, it's 2026!") == ["DON", "'T", "WORRY", ",", " it", "'s", " ", "202", "6", "!"]
+    assert tok.pattern.findall("DON'TWORRY, it's 2026!") == \
+        ["DON", "'T", "WORRY", ",", " it", "'s", " ", "202", "6", "!"]
     assert tok.pattern.findall("  hi  \n\n x") == [" ", " hi", "  \n\n", " x"]
     assert tok.pattern.findall("Café東京123456") == ["Café東京", "123", "456"]
 
