@@ -114,7 +114,7 @@ def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: i
     if cache.len + x.shape[1] + max_new_tokens - 1 > cache.max_len:
         raise ContextTooLong(f"{cache.len + x.shape[1]} positions + {max_new_tokens} new tokens do not "
                              f"fit the context of {cache.max_len}")
-    B, eos = x.shape[0], tokenizer.eos_id
+    B, ends = x.shape[0], tokenizer.stop_ids  # EOS; LLaMA-3's chat models also end at <|eot_id|>
     out, alive, at_eos = [[] for _ in range(B)], [True] * B, [False] * B
     # Only the last position's logits are needed: norm and output on it alone (a 500-token batch
     # of 16 would otherwise make a GiB of fp32 logits for nothing).
@@ -127,7 +127,7 @@ def decode(model: LaVIN, tokenizer, cache: KVCache, routes, x, max_new_tokens: i
         for b, t in enumerate(nxt.tolist()):  # one host sync per step: stop needs the ids anyway
             if not alive[b]:
                 continue
-            if t == eos:
+            if t in ends:
                 alive[b], at_eos[b] = False, True
                 continue
             out[b].append(t)

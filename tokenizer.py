@@ -20,6 +20,7 @@ class Tokenizer:
             raise FileNotFoundError(f"no sentencepiece tokenizer at {path}")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+        self.stop_ids = {self.eos_id}  # the tokens that end a reply
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos

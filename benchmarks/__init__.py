@@ -126,6 +126,7 @@ class NoEos:
     """A tokenizer whose EOS never comes: decode runs every step it is asked for."""
 
     eos_id = -1
+    stop_ids = frozenset()
 
 
 def decode_rate(model: LaVIN, B: int, ctx: int, new: int, device, dtype, decoder=None):

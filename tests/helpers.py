@@ -305,7 +305,7 @@ def rows(tok, seed=1, lengths=(5, 12, 3, 8)):
 
 
 def eos_is(tok, eos):
-    return types.SimpleNamespace(eos_id=eos, bos_id=tok.bos_id, decode=tok.decode)
+    return types.SimpleNamespace(eos_id=eos, stop_ids={eos}, bos_id=tok.bos_id, decode=tok.decode)
 
 
 # ----------------------------------------------------------------------------- data

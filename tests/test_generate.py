@@ -2,6 +2,7 @@
 (compiled too), stopping, sampling. The tiny models (helpers.py): random_lavin, and `world`'s scripted one."""
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -145,6 +146,19 @@ def test_each_row_stops_at_its_eos_and_the_batch_when_all_have(world):
     generate(model, eos_is(world.tok, -1), prompts, images, ind, max_new_tokens=8,
              stop=lambda b, ids: len(ids) == 3, stats=stats)
     assert stats["steps"] == 3  # every row stopped: the batch stopped
+
+
+def test_a_row_ends_at_any_of_the_tokenizers_stop_ids(world):
+    """LLaMA-3's chat models end a reply with <|eot_id|> as well as <|end_of_text|>: a row stops at
+    the first of either."""
+    model = random_lavin(world.tok)
+    prompts, images, ind = rows(world.tok, seed=5)
+    free = generate(model, eos_is(world.tok, -1), prompts, images, ind, max_new_tokens=8)
+    a, b = free[0][1], next(t for t in free[1] if t != free[0][1])
+    tok = types.SimpleNamespace(eos_id=a, stop_ids={a, b}, bos_id=world.tok.bos_id, decode=world.tok.decode)
+    out = generate(model, tok, prompts, images, ind, max_new_tokens=8)
+    cut = [min([o.index(t) for t in (a, b) if t in o] + [len(o)]) for o in free]
+    assert out == [o[:c] for o, c in zip(free, cut)] and cut[0] <= 1 and cut[1] < len(free[1])
 
 
 def test_stop_ends_only_its_own_row(world):

@@ -429,7 +429,7 @@ def test_compiled_fused_decode_gives_the_eager_tokens(bits):
     model = lite(bits).eval()
     tokens, images, ind, _ = batch()
     prompts = [row.tolist() for row in tokens]
-    tok = types.SimpleNamespace(eos_id=-1, bos_id=1, decode=lambda ids: "")  # no EOS: every step is compared
+    tok = types.SimpleNamespace(eos_id=-1, stop_ids=set(), bos_id=1, decode=lambda ids: "")  # no EOS: every step compared
     want = generate(model, tok, prompts, images, ind, max_new_tokens=12)
     assert generate(model, tok, prompts, images, ind, max_new_tokens=12, decoder=StaticDecoder(model.llama)) == want
 
