@@ -56,7 +56,9 @@ class TiktokenTokenizer:
                 self.ranks[base64.b64decode(token)] = int(rank)
         self.bytes_of = {rank: token for token, rank in self.ranks.items()}
         base = len(self.ranks)
-        self.special = {base + i: LLAMA3_SPECIAL.get(i, f"<|reserved_special_token_{i}|>") for i in range(256)}
+        unnamed = [i for i in range(256) if i not in LLAMA3_SPECIAL]  # reserved_0, _1, ... in order
+        self.special = {base + i: LLAMA3_SPECIAL.get(i) or f"<|reserved_special_token_{unnamed.index(i)}|>"
+                        for i in range(256)}
         self.n_words, self.bos_id, self.eos_id = base + 256, base, base + 1
         self.stop_ids = {base + 1, base + 8, base + 9}
 
