@@ -103,7 +103,7 @@ def test_llama3_tokenizer_equals_an_independent_bpe_and_round_trips(ranks_file):
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert tok.decode([len(ranks) + 9]) == "<|eot_id|>" and len(ranks) + 9 in tok.stop_ids
     assert tok.decode([len(ranks) + 2, len(ranks) + 11, len(ranks) + 255]) == \
-        "<|reserved_special_token_0|><|reserved_special_token_3|><|reserved_special_token_247|>"  # as Meta names them
+        "<|reserved_special_token_0|><|reserved_special_token_2|><|reserved_special_token_246|>"  # Meta's names
 
 
 def test_llama3_tokenizer_equals_tiktoken(ranks_file):
