@@ -63,16 +63,22 @@ def save_checkpoint(run):
         raise UsageError(error)
 
 
+def carries_on(cfg) -> bool:
+    """Whether the run goes on from its output folder's own checkpoint, if any: --resume auto, or
+    a group that torchrun restarted (then a used folder is this run's, not one to refuse)."""
+    return cfg.resume == "auto" or restart_count() > 0
+
+
 def find_resume(cfg, lavin_args: dict) -> tuple[dict | None, str, str]:
     """(the checkpoint to resume from or None, its path, the line that says where the run starts):
     --resume PATH; or, with --resume auto or in a group that torchrun restarted, the output
     folder's checkpoint.pth when there is one (refused when it is another run's) and a fresh
     start when there is none."""
-    attempt = restart_count()
-    if cfg.resume != "auto" and not attempt:
+    if not carries_on(cfg):
         return (read_resume(cfg.resume, cfg, lavin_args), cfg.resume, "") if cfg.resume else (None, "", "")
     if cfg.resume == "auto" and cfg.overwrite:
         raise UsageError("--resume auto continues the run in --output_dir, --overwrite replaces it: give one")
+    attempt = restart_count()
     who = f"restarted by torchrun (attempt {attempt})" if attempt else "--resume auto"
     path = Path(cfg.output_dir) / CHECKPOINT
     if not path.is_file():

@@ -43,14 +43,14 @@ from torch.utils.data import DataLoader
 
 import curves
 import data
-from checkpoint import ADAPTERS, CHECKPOINT, LOG, find_resume, open_log, restore, save_checkpoint
+from checkpoint import ADAPTERS, CHECKPOINT, LOG, carries_on, find_resume, open_log, restore, save_checkpoint
 from config import TrainConfig, check_inputs, check_output, dry_run, evaluations, lavin_args, make_config, resolve
 from data.batching import IGNORE_INDEX
 from data.table import show_samples
 from evaluate import evaluate_split
 from lavin import LaVIN, compile_blocks, load_lavin
 from runtime import (Interrupted, StopRequest, UsageError, busy_cores_note, peer_lost, pick_dtype, plain_warnings,
-                     restart_count, setup_distributed, use_compile)
+                     setup_distributed, use_compile)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
         if dist.is_initialized():
             dist.barrier()
     check_inputs(cfg)
-    if cfg.resume != "auto" and not restart_count():  # auto, or a restart: the folder's own run goes on
+    if not carries_on(cfg):  # else a used folder is this run's own
         check_output(cfg)
     ckpt, resume, resume_note = find_resume(cfg, asdict(lavin_args(cfg)))
     cfg = dataclasses.replace(cfg, resume=resume)  # from here: the checkpoint this run resumes from, or ""

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import train
-from tests.helpers import config, losses
+from checkpoint import logged_step
 from runtime import UsageError
+from tests.helpers import config, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 processes x batch 1 x 2 accumulated = 4 samples a step: 6 steps an epoch of the tiny set's 24
@@ -45,9 +46,15 @@ def worker(p: subprocess.Popen, rank: int, timeout=60) -> int:
     raise AssertionError(f"no worker of rank {rank}")
 
 
+def logged(out: Path) -> int:
+    """Steps in out/log.jsonl so far, read while the run writes (or rewrites) it."""
+    log = out / "log.jsonl"
+    return sum(logged_step(row) is not None for row in log.read_text().splitlines()) if log.exists() else 0
+
+
 def wait_for_steps(p: subprocess.Popen, out: Path, n: int, timeout=120):
     deadline = time.time() + timeout
-    while len(losses(out)) < n if (out / "log.jsonl").exists() else True:
+    while logged(out) < n:
         assert p.poll() is None, p.communicate()[1][-3000:]
         assert time.time() < deadline, "too slow"
         time.sleep(0.02)
