@@ -219,16 +219,20 @@ def read_hf_clip(folder: str) -> dict:
     files = [Path(folder, name) for name in ("model.safetensors", "pytorch_model.bin") if Path(folder, name).is_file()]
     if not files:
         raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
+
+    def wanted(key: str) -> bool:  # the vision tower's weights (position_ids is an arange, not one)
+        return key.startswith(("vision_model.", "visual_projection.")) and not key.endswith("position_ids")
+
     if files[0].suffix == ".safetensors":
         try:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
         except ImportError as e:
             raise ImportError(f"{files[0]}: pip install safetensors to read it") from e
-        hf = load_file(files[0])
-    else:
-        hf = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
-    hf = {k: v for k, v in hf.items() if k.startswith(("vision_model.", "visual_projection."))
-          and not k.endswith("position_ids")}  # the text tower is not read; position_ids is arange
+        with safe_open(files[0], "pt") as f:  # the vision tensors only: the text tower is never read
+            hf = {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
+    else:  # memory-mapped: the text tower's pages are never touched
+        hf = {k: v for k, v in torch.load(files[0], map_location="cpu", weights_only=True, mmap=True).items()
+              if wanted(k)}
     sd = {ours: hf.pop(theirs) for theirs, ours in HF_TOWER.items() if theirs in hf}
     if "visual_projection.weight" in hf:
         sd["proj"] = hf.pop("visual_projection.weight").t().contiguous()
