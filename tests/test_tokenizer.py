@@ -1,6 +1,7 @@
 """tokenizer.py's LLaMA-3 tokenizer (tiktoken's ranks file) against a BPE written here, and against
 tiktoken itself where it is installed, on a ranks file trained here from a small corpus."""
 import base64
+import json
 import random
 from collections import Counter
 
@@ -9,7 +10,7 @@ import torch
 
 import tokenizer
 from model import load_llama
-from tests.helpers import random_state, tiny_args, write_meta
+from tests.helpers import random_state, tiny_args, write_hf, write_meta
 
 regex = pytest.importorskip("regex")
 
@@ -143,3 +144,111 @@ def test_load_llama_takes_the_llama3_tokenizer_from_its_file(ranks_file, tmp_pat
     assert isinstance(tok, tokenizer.TiktokenTokenizer) and model.args.vocab_size == tok.n_words
     ids = torch.tensor([tok.encode("Café 東京 it's", bos=True, eos=False)])
     assert model(ids).shape == (1, ids.shape[1], tok.n_words)
+
+
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table, in its own form: printable bytes map to themselves, the rest to 256 + n."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_tokenizer_json(path, ranks: dict, special: dict[int, str]):
+    """tokenizer.json as Hugging Face ships LLaMA-3's: a byte-level BPE over the ranks, its merges
+    (each token's splits into two tokens, in the merged token's rank order), the special tokens as
+    added_tokens, the split pattern then ByteLevel without its own regex."""
+    table = gpt2_bytes_to_unicode()
+    spell = lambda b: "".join(table[c] for c in b)  # noqa: E731
+    merges = [f"{spell(t[:i])} {spell(t[i:])}" for t, _ in sorted(ranks.items(), key=lambda x: x[1])
+              for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
+    spec = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for i, name in sorted(special.items())],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {spell(t): r for t, r in ranks.items()}, "merges": merges}}
+    path.write_text(json.dumps(spec, ensure_ascii=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(ranks_file, tmp_path_factory):
+    _, ranks = ranks_file
+    base = len(ranks)
+    special = {base + i: f"<|reserved_special_token_{i}|>" for i in range(256)}
+    special.update({base: "<|begin_of_text|>", base + 1: "<|end_of_text|>", base + 9: "<|eot_id|>"})
+    return write_tokenizer_json(tmp_path_factory.mktemp("hf") / "tokenizer.json", ranks, special)
+
+
+def test_hugging_faces_tokenizer_json_reads_as_the_ranks_file(ranks_file, tokenizer_json):
+    """The same vocabulary in Hugging Face's tokenizer.json gives the same ids and the same special
+    tokens, their names read from the file (this one names no <|eom_id|>: no such stop)."""
+    meta, hf = tokenizer.load_tokenizer(ranks_file[0]), tokenizer.load_tokenizer(tokenizer_json)
+    assert isinstance(hf, tokenizer.TiktokenTokenizer)
+    base = len(ranks_file[1])
+    assert (hf.n_words, hf.bos_id, hf.eos_id) == (meta.n_words, meta.bos_id, meta.eos_id)
+    assert hf.stop_ids == {base + 1, base + 9} and meta.stop_ids == {base + 1, base + 8, base + 9}
+    assert hf.decode([base + 8]) == "<|reserved_special_token_8|>"
+    for text in CORPUS + [TRAIN]:
+        ids = hf.encode(text, bos=True, eos=True)
+        assert ids == meta.encode(text, bos=True, eos=True), text
+        assert hf.decode(ids[1:-1]) == text
+
+
+def test_hugging_faces_tokenizers_library_agrees(ranks_file, tokenizer_json):
+    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face's tokenizers is not installed")
+    theirs = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    ours = tokenizer.load_tokenizer(tokenizer_json)
+    for text in CORPUS + [TRAIN]:
+        if "<|" in text:  # HF reads a special token's name in the text as that token; Meta's encode as text
+            continue
+        assert ours.encode(text, bos=False, eos=False) == theirs.encode(text, add_special_tokens=False).ids, text
+
+
+def test_tokenizer_json_that_transformers_converts_from_the_ranks_file(ranks_file, tmp_path):
+    """transformers' own converter (TikTokenConverter, as for LLaMA-3) writes the tokenizer.json read here."""
+    pytest.importorskip("tiktoken", reason="tiktoken is not installed (transformers' converter reads the ranks with it)")
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer", reason="transformers is not installed")
+    path, ranks = ranks_file
+    names = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 256)]
+    convert.TikTokenConverter(vocab_file=str(path), extra_special_tokens=names).converted().save(
+        str(tmp_path / "tokenizer.json"))
+    hf, meta = tokenizer.load_tokenizer(tmp_path / "tokenizer.json"), tokenizer.load_tokenizer(path)
+    assert (hf.n_words, hf.bos_id, hf.eos_id) == (meta.n_words, meta.bos_id, meta.eos_id)
+    for text in CORPUS + [TRAIN]:
+        assert hf.encode(text, bos=False, eos=False) == meta.encode(text, bos=False, eos=False), text
+
+
+def test_a_tokenizer_json_of_another_kind_is_refused(tmp_path):
+    """Mistral's and Vicuna's tokenizer.json is sentencepiece's BPE (Metaspace, byte fallback)."""
+    spec = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
+            "model": {"type": "BPE", "byte_fallback": True, "vocab": {"<unk>": 0}, "merges": []}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="is not LLaMA-3's byte-level BPE .* put their tokenizer.model beside it"):
+        tokenizer.load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_load_llama_reads_hugging_faces_llama3_folder(ranks_file, tokenizer_json, tmp_path):
+    """config.json, the weights and tokenizer.json only (no tokenizer.model): the LLaMA-3 tokenizer,
+    and the model's vocabulary as config.json states it."""
+    _, ranks = ranks_file
+    args = tiny_args(vocab_size=len(ranks) + 256, n_kv_heads=2, rope_theta=500000.0)
+    write_hf(tmp_path, args, random_state(args))
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    model, tok = load_llama(tmp_path)
+    assert isinstance(tok, tokenizer.TiktokenTokenizer) and model.args.vocab_size == tok.n_words == len(ranks) + 256
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in"):
+        load_llama(tmp_path)
