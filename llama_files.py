@@ -35,6 +35,10 @@ class Lazy:
 # Meta's model-parallel shards split each weight along one dim; norms are copied to every shard.
 SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
 SKIPPED_KEYS = {"rope.freqs"}  # LLaMA-1 files carry the rotary table; we compute it
+# (dim, n_layers) of LLaMA-3.2-1B and -3B, whose params.json states neither their RoPE factor, 32 (Meta's
+# reference code hard-coded 8; 32 is right, as their config.json says: meta-llama/llama-models #166, #241),
+# nor that their output head is the embedding (when the file holds no output.weight)
+LLAMA32_SMALL = {(2048, 16), (3072, 28)}
 
 
 def shard_dim(key: str) -> int | None:
@@ -76,6 +80,8 @@ def read_meta(folder: Path):
             shape[dim] = sum(t.shape[dim] for t in parts)
             merge = lambda parts=parts, dim=dim: torch.cat(parts, dim)  # noqa: E731
             state[key] = parts[0] if len(parts) == 1 else Lazy(shape, merge)
+    if params.get("use_scaled_rope") and (params.get("dim"), params.get("n_layers")) in LLAMA32_SMALL:
+        params = {"rope_scaling_factor": 32.0, **params, "tie_word_embeddings": "output.weight" not in state}
     return params, state
 
 
@@ -126,6 +132,8 @@ def read_hf(folder: Path):
     if cfg.get("model_type", "llama") not in ("llama", "mistral"):
         raise ValueError(f"{folder}/config.json: model_type {cfg['model_type']!r}; this LLaMA reads LLaMA's "
                          f"and Mistral's")
+    if cfg.get("tie_word_embeddings"):  # LLaMA-3.2-1B and -3B: no lm_head.weight in the files
+        params["tie_word_embeddings"] = True
     if cfg.get("sliding_window") is not None:  # Mistral-7B v0.1: 4096; v0.2 and later: null
         params["sliding_window"] = cfg["sliding_window"]
     bins = sorted(folder.glob("pytorch_model*.bin"))

@@ -56,6 +56,9 @@ class ModelArgs:
     # Mistral's config.json: how far back its attention reaches. This model attends to every one of its
     # max_seq_len positions, so it is exact while max_seq_len <= sliding_window (LaVIN's 512 vs 4096).
     sliding_window: int | None = None
+    # LLaMA-3.2's 1B and 3B: the output head is the embedding matrix (config.json's key; llama_files
+    # infers it for Meta's layout)
+    tie_word_embeddings: bool = False
     max_seq_len: int = 2048  # longest sequence a KV cache is made for
 
     @property
@@ -272,6 +275,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
         self.grad_checkpointing = False  # recompute each block in the backward pass (training)
 
     def forward(self, tokens=None, embeds=None, cache: KVCache | None = None, routes=NO_ADAPTERS,
@@ -371,9 +376,13 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
                          f"{args.sliding_window}")
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
+    if args.tie_word_embeddings and "output.weight" not in state:
+        state["output.weight"] = state["tok_embeddings.weight"]  # what the model's state_dict lists under both names
     with torch.device("meta"):
         model = Llama(args)
     load_strict(model, state, dtype, device, bits)
+    if args.tie_word_embeddings:  # loading assigned each name its own tensor: one matrix again
+        model.output.weight = model.tok_embeddings.weight
     return model.eval(), tokenizer
 
 

@@ -193,6 +193,42 @@ def test_mistral_in_hugging_faces_layout(tmp_path, tokenizer_path):
         load_llama(tmp_path, max_seq_len=64)
 
 
+def test_llama32_output_head_is_the_embedding(tmp_path, tokenizer_path):
+    """config.json's tie_word_embeddings (LLaMA-3.2-1B/3B: the files hold no lm_head.weight): the
+    float64 reference with the embedding as the head, one matrix in the model; untied, a file
+    without the head is still one error naming it."""
+    args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words, n_kv_heads=2, rope_theta=500000.0)
+    state = random_state(args)
+    state["output.weight"] = state["tok_embeddings.weight"]
+    write_hf(tmp_path, args, {k: v for k, v in state.items() if k != "output.weight"})
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    edit_json(tmp_path / "config.json", lambda c: c.update(tie_word_embeddings=True))
+    model, _ = load_llama(tmp_path)
+    assert model.output.weight is model.tok_embeddings.weight
+    tokens = torch.randint(0, args.vocab_size, (2, 6))
+    want = reference_logits(state, args, tokens)
+    assert (model(tokens).double() - want).abs().max() < 1e-4 * want.abs().max()
+    edit_json(tmp_path / "config.json", lambda c: c.update(tie_word_embeddings=False))
+    with pytest.raises(KeyError, match=r"missing keys \['output.weight'\]"):
+        load_llama(tmp_path)
+
+
+def test_llama32_small_sizes_in_metas_layout_take_factor_32_and_a_tied_head(tmp_path):
+    """Meta's params.json of LLaMA-3.2-1B states neither: read_meta knows the two sizes by their shape."""
+    from llama_files import read_meta
+
+    params = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+                  multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+    write_meta(tmp_path / "1B", params, {"tok_embeddings.weight": torch.zeros(4, 2)})
+    got, _ = read_meta(tmp_path / "1B")
+    assert (got["rope_scaling_factor"], got["tie_word_embeddings"]) == (32.0, True)
+    assert ModelArgs.from_params(got).rope_scaling == (32.0, 1.0, 4.0, 8192)
+    write_meta(tmp_path / "8B", dict(params, dim=4096, n_layers=32), {"tok_embeddings.weight": torch.zeros(4, 2)})
+    got, _ = read_meta(tmp_path / "8B")  # LLaMA-3.1-8B: factor 8, its own head
+    assert "rope_scaling_factor" not in got and "tie_word_embeddings" not in got
+    assert ModelArgs.from_params(got).rope_scaling == (8.0, 1.0, 4.0, 8192)
+
+
 def test_hf_safetensors(tmp_path, tokenizer_path):
     pytest.importorskip("safetensors")
     args = tiny_args(vocab_size=Tokenizer(tokenizer_path).n_words)
