@@ -27,7 +27,7 @@ class TrainConfig:
     coco_root: str = ""  # instruct: the folder of COCO_train2014_*.jpg; "" = {data_path}/train2014
     instruct_mode: str = "recipe"  # instruct: recipe (each question/answer pair alone, LaVIN's) | multiturn
     llama_path: str = ""  # LLaMA folder (Meta or Hugging Face layout); "" = the preset's default
-    clip_path: str = ""  # OpenAI CLIP checkpoint; "" = the preset's default
+    clip_path: str = ""  # OpenAI CLIP checkpoint, or a Hugging Face CLIP folder; "" = the preset's default
     output_dir: str = ""  # "" = out/{preset}, and -no_visual / -no_router / -4bit / -8bit for the variants
     # the recipe (the paper's, as the official scripts run it); presets set these
     epochs: int = 20  # passes over the training split
@@ -70,7 +70,8 @@ class TrainConfig:
 
 
 WEIGHTS = {"7B": "weights/7B", "13B": "weights/13B", "vicuna-7b": "weights/vicuna-7b",
-           "vicuna-13b": "weights/vicuna-13b"}
+           "vicuna-13b": "weights/vicuna-13b", "llama3.1-8b": "weights/llama3.1-8b",
+           "llama3.1-8b-instruct": "weights/llama3.1-8b-instruct", "mistral-7b": "weights/mistral-7b"}
 CLIP = "weights/ViT-L-14.pt"
 
 
@@ -103,6 +104,14 @@ PRESETS = {  # the paper's recipes, then the laptop ones
     # train + restval (566k), 2 epochs, captions are short
     "caption": Preset(dict(dataset="coco", llama_path=WEIGHTS["7B"], clip_path=CLIP, epochs=2, warmup_epochs=0.2,
                            max_seq_len=128, temperature=10.0), "lavin-7b"),
+    # The paper's recipes on today's backbones, in Meta's or Hugging Face's layout: LLaMA-3.1-8B, Mistral-7B,
+    # and the chatbot's on LLaMA-3.1-8B-Instruct (in the role Vicuna plays); the lavin-7b settings otherwise
+    "lavin-llama3-8b": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["llama3.1-8b"], clip_path=CLIP,
+                                   temperature=10.0), "lavin-llama3-8b"),
+    "lavin-mistral-7b": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["mistral-7b"], clip_path=CLIP,
+                                    temperature=10.0), "lavin-mistral-7b"),
+    "chatbot-llama3-8b": Preset(dict(dataset="instruct", llama_path=WEIGHTS["llama3.1-8b-instruct"], clip_path=CLIP,
+                                     epochs=15, warmup_epochs=0.2, temperature=10.0), "lavin-llama3-8b"),
     # The laptop demo: tiny backbones inside data/shapes, the paper's recipe (lr, batch, warm-up
     # then cosine) on two CPU cores in minutes: 10 epochs of 3,588 problems, answer only (QCM-A:
     # the tiny LLaMA never read lectures). One CPU thread for every laptop preset: the same table
@@ -199,11 +208,12 @@ def check_inputs(cfg: TrainConfig):
         raise UsageError(
             f"no LLaMA weights in {llama}: expected Meta's layout (params.json, consolidated.00.pth, ..., "
             f"tokenizer.model in the folder or its parent) or Hugging Face's (config.json, *.safetensors or "
-            f"pytorch_model*.bin, tokenizer.model); request them from Meta (or Vicuna's from Hugging Face) "
-            f"and pass --llama_path")
-    if not Path(cfg.clip_path).is_file():
+            f"pytorch_model*.bin, tokenizer.model or LLaMA-3's tokenizer.json); request them from Meta (or "
+            f"Vicuna's, Mistral's from Hugging Face) and pass --llama_path")
+    if not is_clip(cfg.clip_path):
         raise UsageError(f"no CLIP checkpoint at {cfg.clip_path}: expected OpenAI's ViT-L-14.pt (the file "
-                         f"the openai/CLIP package downloads for 'ViT-L/14'); pass --clip_path")
+                         f"the openai/CLIP package downloads for 'ViT-L/14') or Hugging Face's folder of "
+                         f"openai/clip-vit-large-patch14 (config.json, model.safetensors); pass --clip_path")
     root = Path(cfg.data_path)
     if cfg.dataset == "scienceqa" and not (root / "problems.json").is_file():
         raise UsageError(f"no ScienceQA release in {root}: expected problems.json, pid_splits.json and "
@@ -218,6 +228,11 @@ def check_inputs(cfg: TrainConfig):
     if cfg.dataset in data.CHAT_DATASETS and not Path(cfg.coco_root).is_dir():
         raise UsageError(f"no COCO train2014 folder at {cfg.coco_root}: LLaVA-Instruct's pictures are COCO's "
                          f"(COCO_train2014_*.jpg from cocodataset.org); pass --coco_root")
+
+
+def is_clip(path: str) -> bool:
+    """OpenAI's archive is a file, Hugging Face's layout a folder with config.json."""
+    return Path(path).is_file() or Path(path, "config.json").is_file()
 
 
 def evaluations(cfg: TrainConfig) -> list[tuple[str, str, str, Path]]:
@@ -251,7 +266,7 @@ def check_output(cfg: TrainConfig):
 def dry_run(cfg: TrainConfig, device: torch.device):
     """The parameter summary and the frozen LLaMA's bytes at 16, 8 and 4 bits: from the weights
     when they are there, else from the preset's config on the meta device (no memory, no files)."""
-    if Path(cfg.llama_path).is_dir() and Path(cfg.clip_path).is_file():
+    if Path(cfg.llama_path).is_dir() and is_clip(cfg.clip_path):
         model, _ = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), device=device, dtype=torch.float32,
                               max_seq_len=cfg.max_seq_len, bits=cfg.bits)
         where = f"from {cfg.llama_path} and {cfg.clip_path}"

@@ -351,9 +351,19 @@ def check_official_args(ns, args: LaVINArgs, path):
 LLAMA_SIZES = {  # Meta's params.json of each size (vocab from the tokenizer: 32000)
     "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
     "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
+    # LLaMA-3.1-8B's params.json: grouped-query attention, FFN 14336, RoPE scaled
+    "llama3.1-8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                             ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+    # Mistral-7B-v0.1's config.json as llama_files.read_hf reads it (the FFN width stated outright)
+    "mistral-7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, multiple_of=14336,
+                            norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096),
 }
 VIT_L14 = dict(resolution=224, patch_size=14, width=1024, layers=24, output_dim=768)
-ARCHITECTURES = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B", LaVINArgs(temperature=5.0))}
+# The adapters follow the LLaMA's width and depth only: the 4096-wide, 32-block backbones train as many
+# parameters as LLaMA-7B (grouped-query attention and the vocabulary change none of them).
+ARCHITECTURES = {"lavin-7b": ("7B", LaVINArgs(temperature=10.0)), "lavin-13b": ("13B", LaVINArgs(temperature=5.0)),
+                 "lavin-llama3-8b": ("llama3.1-8B", LaVINArgs(temperature=10.0)),
+                 "lavin-mistral-7b": ("mistral-7B", LaVINArgs(temperature=10.0))}
 
 
 def build_architecture(name: str, device="meta", args: LaVINArgs | None = None) -> LaVIN:

@@ -37,7 +37,8 @@ def test_presets_follow_the_paper_and_flags_win(capsys):
 # LLaMA-7B (32 blocks of 4096) and ViT-L (24 of 1024), adapters of width 8 in 2 groups: per block
 # down d*8+8, each up d*8/2+d, router 2d+2; the neck 1024*128+128 + 128*4096+4096; modality 2*4096.
 @pytest.mark.parametrize("preset,count", [
-    ("lavin-7b", "3,781,296"), ("lavin-13b", "5,390,080"),
+    ("lavin-7b", "3,781,296"), ("lavin-13b", "5,390,080"), ("lavin-llama3-8b", "3,781,296"),
+    ("chatbot-llama3-8b", "3,781,296"),
     ("lavin-7b --no_visual", f"{32 * (32776 + 2 * 20480 + 8194) + 8192:,}"),  # LLaMA's adapters alone
     ("lavin-7b --no_router", f"{32 * (32776 + 20480) + 24 * (8200 + 5120) + 659584:,}")])  # one up-projection
 def test_dry_run_prints_the_papers_parameter_counts_without_files(preset, count, tmp_path):

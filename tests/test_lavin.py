@@ -20,6 +20,15 @@ def test_lavin_7b_and_13b_trainable_counts_match_the_paper():
     assert frozen == 6_738_415_616 + 303_966_208  # LLaMA-7B + ViT-L/14's vision tower
 
 
+@pytest.mark.parametrize("name,llama", [("lavin-llama3-8b", 8_030_261_248), ("lavin-mistral-7b", 7_241_732_096)])
+def test_todays_backbones_have_their_published_sizes_and_lavin_7bs_trainable_count(name, llama):
+    """LLaMA-3.1-8B's and Mistral-7B's published parameter counts (GQA, a 14336-wide FFN, their
+    vocabularies); the adapters see only the width and depth (4096 x 32), as in LLaMA-7B."""
+    model = build_architecture(name)
+    assert sum(p.numel() for p in model.llama.parameters() if not p.requires_grad) == llama
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 3_781_296
+
+
 def test_embed_inserts_prefix_and_visual_tokens_after_bos():
     model = tiny_lavin()
     tokens, images, ind, labels = batch()
