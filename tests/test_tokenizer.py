@@ -26,13 +26,13 @@ CORPUS = ["Hello world", "It's 2026, isn't it?", "  leading and trailing spaces 
           "DON'TWORRY, 'VEry 'LLama HE'SOK"]  # upper-case contractions glued to letters: the (?i)
 
 
-def train_ranks(n_merges=300, seed=0) -> dict[bytes, int]:
+def train_ranks(n_merges=300, seed=0, text=TRAIN) -> dict[bytes, int]:
     """A byte-level BPE vocabulary: the 256 bytes in a shuffled order (ranks need not follow byte
-    values), then the most frequent adjacent pair of the pieces, merged, n_merges times."""
+    values), then the most frequent adjacent pair of text's pieces, merged, n_merges times."""
     order = list(range(256))
     random.Random(seed).shuffle(order)
     ranks = {bytes([b]): r for r, b in enumerate(order)}
-    words = Counter(tuple(bytes([c]) for c in p.encode()) for p in regex.findall(PATTERN, TRAIN))
+    words = Counter(tuple(bytes([c]) for c in p.encode()) for p in regex.findall(PATTERN, text))
     for _ in range(n_merges):
         pairs = Counter()
         for w, n in words.items():
