@@ -94,7 +94,7 @@ def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def write_hf(folder: Path, args, state: dict, n_files: int = 2, fmt: str = "bin"):
-    """config.json + pytorch_model-0000N-of-0000M.bin (or model-*.safetensors), HF names."""
+    """config.json + pytorch_model-0000N-of-0000M.bin (or model-*.safetensors) and their index, HF names."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
            "intermediate_size": args.ffn_hidden, "num_hidden_layers": args.n_layers,
@@ -127,14 +127,21 @@ def write_hf(folder: Path, args, state: dict, n_files: int = 2, fmt: str = "bin"
                 hf[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(args.head_dim // 2)
     keys = sorted(hf)
     chunks = [keys[i::n_files] for i in range(n_files)]
+    weight_map = {}
     for j, chunk in enumerate(chunks):
         part = {k: hf[k].contiguous().clone() for k in chunk}
+        name = f"pytorch_model-{j + 1:05d}-of-{n_files:05d}.bin" if fmt == "bin" else \
+            f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"
+        weight_map.update({k: name for k in chunk})
         if fmt == "bin":
-            torch.save(part, folder / f"pytorch_model-{j + 1:05d}-of-{n_files:05d}.bin")
+            torch.save(part, folder / name)
         else:
             from safetensors.torch import save_file
 
-            save_file(part, str(folder / f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"))
+            save_file(part, str(folder / name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())}, "weight_map": weight_map}
+    (folder / ("pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json")).write_text(
+        json.dumps(index))  # the shards' index, as save_pretrained writes it
     return folder
 
 

@@ -420,10 +420,11 @@ def write_hf_clip(folder: Path, vit: clip.VisionTransformer, fmt: str = "safeten
     hf["visual_projection.weight"] = sd["proj"].t().contiguous()
     hf["text_model.embeddings.token_embedding.weight"] = torch.randn(10, 8)  # a full CLIPModel's
     hf["logit_scale"] = torch.tensor(4.6052)
-    config = {"architectures": ["CLIPModel"], "projection_dim": vit.output_dim,
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": vit.output_dim,
               "vision_config": {"hidden_size": w, "num_hidden_layers": vit.layers, "num_attention_heads": vit.heads,
                                 "patch_size": vit.patch_size, "image_size": vit.resolution,
-                                "intermediate_size": 4 * w, "hidden_act": act, "layer_norm_eps": 1e-5}}
+                                "intermediate_size": 4 * w, "hidden_act": act, "layer_norm_eps": 1e-5,
+                                "projection_dim": vit.output_dim}}
     (folder / "config.json").write_text(json.dumps(config))
     hf = {k: t.contiguous() for k, t in hf.items()}
     if fmt == "safetensors":
