@@ -12,7 +12,8 @@ from data import backbones, shapes, shapes_chat
 from lavin import save_adapters
 from model import Tokenizer
 from runtime import cpu_threads
-from tests.helpers import N, content_tokens, scripted_lavin, train_tokenizer, write_chat_run, write_meta, write_release
+from tests.formats import write_meta
+from tests.helpers import N, content_tokens, scripted_lavin, train_tokenizer, write_chat_run, write_release
 
 
 def pytest_configure(config):

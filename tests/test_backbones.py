@@ -12,9 +12,8 @@ import clip
 import data
 import tokenizer
 from lavin import IGNORE_INDEX
-from tests.helpers import edit_json, losses, random_state, run_cli, tiny_args, write_hf
-from tests.test_clip import write_hf_clip
-from tests.test_tokenizer import train_ranks, write_tokenizer_json
+from tests.formats import train_ranks, write_hf, write_hf_clip, write_tokenizer_json
+from tests.helpers import edit_json, losses, random_state, run_cli, tiny_args
 
 pytest.importorskip("regex", reason="LLaMA-3's tokenizer needs the regex package")
 

@@ -1,8 +1,6 @@
 """clip.py against independent float64 / numpy references, on tiny checkpoints in OpenAI's formats
 and in Hugging Face's."""
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch.nn as nn
 from PIL import Image
 
 import clip
+from tests.formats import write_hf_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # saving OpenAI's format
 WIDTH, LAYERS, PATCH, RES, OUT = 128, 4, 8, 32, 16  # 2 heads of 64, a 4x4 grid
@@ -395,44 +394,6 @@ def test_truncated_or_unreadable_images_name_the_file(fmt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- Hugging Face's layout
-
-def write_hf_clip(folder: Path, vit: clip.VisionTransformer, fmt: str = "safetensors", act: str = "quick_gelu"):
-    """vit's weights as transformers' CLIPModel saves openai/clip-vit-large-patch14: config.json and
-    model.safetensors (or pytorch_model.bin), separate q/k/v, the (sic) pre_layrnorm, a text tower."""
-    folder.mkdir(parents=True)
-    sd, hf = vit.state_dict(), {}
-    e, w = "vision_model.embeddings.", vit.width
-    hf[e + "patch_embedding.weight"] = sd["conv1.weight"]
-    hf[e + "class_embedding"] = sd["class_embedding"]
-    hf[e + "position_embedding.weight"] = sd["positional_embedding"]
-    hf[e + "position_ids"] = torch.arange(vit.grid ** 2 + 1)[None]
-    for part in ("weight", "bias"):
-        hf[f"vision_model.pre_layrnorm.{part}"] = sd[f"ln_pre.{part}"]
-        hf[f"vision_model.post_layernorm.{part}"] = sd[f"ln_post.{part}"]
-        for i in range(vit.layers):
-            b, o = f"vision_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-            q, k, v = sd[f"{o}attn.in_proj_{part}"].split(w)
-            hf[b + f"self_attn.q_proj.{part}"], hf[b + f"self_attn.k_proj.{part}"] = q.clone(), k.clone()
-            hf[b + f"self_attn.v_proj.{part}"] = v.clone()
-            hf[b + f"self_attn.out_proj.{part}"] = sd[f"{o}attn.out_proj.{part}"]
-            hf[b + f"layer_norm1.{part}"], hf[b + f"layer_norm2.{part}"] = sd[f"{o}ln_1.{part}"], sd[f"{o}ln_2.{part}"]
-            hf[b + f"mlp.fc1.{part}"], hf[b + f"mlp.fc2.{part}"] = sd[f"{o}mlp.c_fc.{part}"], sd[f"{o}mlp.c_proj.{part}"]
-    hf["visual_projection.weight"] = sd["proj"].t().contiguous()
-    hf["text_model.embeddings.token_embedding.weight"] = torch.randn(10, 8)  # a full CLIPModel's
-    hf["logit_scale"] = torch.tensor(4.6052)
-    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": vit.output_dim,
-              "vision_config": {"hidden_size": w, "num_hidden_layers": vit.layers, "num_attention_heads": vit.heads,
-                                "patch_size": vit.patch_size, "image_size": vit.resolution,
-                                "intermediate_size": 4 * w, "hidden_act": act, "layer_norm_eps": 1e-5,
-                                "projection_dim": vit.output_dim}}
-    (folder / "config.json").write_text(json.dumps(config))
-    hf = {k: t.contiguous() for k, t in hf.items()}
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-        save_file(hf, folder / "model.safetensors")
-    else:
-        torch.save(hf, folder / "pytorch_model.bin")
-
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_hugging_face_layout_gives_the_openai_archives_features(tmp_path, fmt):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model import KVCache, Llama, ModelArgs, Tokenizer, apply_rope, load_llama, rope_angles
-from tests.helpers import edit_json, random_state, tiny_args, write_hf, write_meta
+from tests.formats import write_hf, write_meta
+from tests.helpers import edit_json, random_state, tiny_args
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ import quant
 from lavin import LLAMA_SIZES, LaVINArgs, llama_bytes, load_adapters, load_lavin, save_adapters
 from model import Llama, load_llama
 from quant import QuantLinear
-from tests.helpers import batch, lite, official_checkpoint, random_state, tiny_args, tiny_lavin, write_hf, write_meta
+from tests.formats import write_hf, write_meta
+from tests.helpers import batch, lite, official_checkpoint, random_state, tiny_args, tiny_lavin
 
 
 # QLoRA (Dettmers et al. 2023), appendix E: the 16 values of NF4, as published.

@@ -16,7 +16,8 @@ from generate import Stream, generate
 from lavin import LaVINArgs, save_adapters
 from router import IMAGE
 from sample import SampleConfig, UsageError, converse, main, make_config, resolve, typed_lines
-from tests.helpers import official_checkpoint, random_lavin, random_state, tiny_args, write_meta
+from tests.formats import write_meta
+from tests.helpers import official_checkpoint, random_lavin, random_state, tiny_args
 
 
 ROOT = Path(__file__).resolve().parents[1]

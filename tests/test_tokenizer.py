@@ -2,21 +2,17 @@
 tiktoken itself where it is installed, on a ranks file trained here from a small corpus."""
 import base64
 import json
-import random
-from collections import Counter
 
 import pytest
 import torch
 
 import tokenizer
 from model import load_llama
-from tests.helpers import random_state, tiny_args, write_hf, write_meta
+from tests.formats import LLAMA3_PATTERN, train_ranks, write_hf, write_meta, write_tokenizer_json
+from tests.helpers import random_state, tiny_args
 
 regex = pytest.importorskip("regex")
 
-# The pattern of Meta's llama3 tokenizer, typed here from its definition.
-PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TRAIN = ("The cat's toy isn't here; they'll say we've 12345 apples and 7 pears.\n\n  Indented   text\tand tabs. "
          "Café au lait, naïve façade, Übermäßig große Straße, 東京は日本の首都です。 Привет, мир! 😀 emoji "
          "I'm you're he'd THEY'LL We'VE 3.14159 2024-12-07 $100,000 #hashtag @user http://x.y/z?a=1 ") * 3
@@ -26,42 +22,11 @@ CORPUS = ["Hello world", "It's 2026, isn't it?", "  leading and trailing spaces 
           "DON'TWORRY, 'VEry 'LLama HE'SOK"]  # upper-case contractions glued to letters: the (?i)
 
 
-def train_ranks(n_merges=300, seed=0, text=TRAIN) -> dict[bytes, int]:
-    """A byte-level BPE vocabulary: the 256 bytes in a shuffled order (ranks need not follow byte
-    values), then the most frequent adjacent pair of text's pieces, merged, n_merges times."""
-    order = list(range(256))
-    random.Random(seed).shuffle(order)
-    ranks = {bytes([b]): r for r, b in enumerate(order)}
-    words = Counter(tuple(bytes([c]) for c in p.encode()) for p in regex.findall(PATTERN, text))
-    for _ in range(n_merges):
-        pairs = Counter()
-        for w, n in words.items():
-            for a, b in zip(w, w[1:]):
-                pairs[a, b] += n
-        if not pairs:
-            break
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
-        ranks.setdefault(a + b, len(ranks))
-        merged = Counter()
-        for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            merged[tuple(out)] += n
-        words = merged
-    return ranks
-
-
 def reference_encode(text: str, ranks: dict) -> list[int]:
     """Classic BPE: the merges applied in the order they were learned, each over the whole piece."""
     merges = sorted((r, t) for t, r in ranks.items() if len(t) > 1)
     ids = []
-    for piece in regex.findall(PATTERN, text):
+    for piece in regex.findall(LLAMA3_PATTERN, text):
         b = piece.encode()
         if b in ranks:  # tiktoken and Meta take a piece that is a token whole
             ids.append(ranks[b])
@@ -83,7 +48,7 @@ def reference_encode(text: str, ranks: dict) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ranks_file(tmp_path_factory):
-    ranks = train_ranks()
+    ranks = train_ranks(TRAIN)
     path = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
     lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
     path.write_text("".join(lines))  # as Meta ships it: a line per token, in rank order
@@ -111,7 +76,7 @@ def test_llama3_tokenizer_equals_tiktoken(ranks_file):
     tiktoken = pytest.importorskip("tiktoken", reason="tiktoken (Meta's reference) is not installed")
     path, ranks = ranks_file
     special = {f"<|reserved_special_token_{i}|>": len(ranks) + i for i in range(256)}
-    enc = tiktoken.Encoding(name="tiny-llama3", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    enc = tiktoken.Encoding(name="tiny-llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
     tok = tokenizer.load_tokenizer(path)
     for text in CORPUS + [TRAIN]:
         assert tok.encode(text, bos=False, eos=False) == enc.encode(text, disallowed_special=()), text
@@ -144,43 +109,6 @@ def test_load_llama_takes_the_llama3_tokenizer_from_its_file(ranks_file, tmp_pat
     assert isinstance(tok, tokenizer.TiktokenTokenizer) and model.args.vocab_size == tok.n_words
     ids = torch.tensor([tok.encode("Café 東京 it's", bos=True, eos=False)])
     assert model(ids).shape == (1, ids.shape[1], tok.n_words)
-
-
-def gpt2_bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table, in its own form: printable bytes map to themselves, the rest to 256 + n."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def write_tokenizer_json(path, ranks: dict, special: dict[int, str]):
-    """tokenizer.json as Hugging Face ships LLaMA-3's: a byte-level BPE over the ranks, its merges
-    (each token's splits into two tokens, in the merged token's rank order), the special tokens as
-    added_tokens, the split pattern then ByteLevel without its own regex."""
-    table = gpt2_bytes_to_unicode()
-    spell = lambda b: "".join(table[c] for c in b)  # noqa: E731
-    merges = [f"{spell(t[:i])} {spell(t[i:])}" for t, _ in sorted(ranks.items(), key=lambda x: x[1])
-              for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
-    spec = {"version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for i, name in sorted(special.items())],
-            "normalizer": None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": PATTERN}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": {spell(t): r for t, r in ranks.items()}, "merges": merges}}
-    path.write_text(json.dumps(spec, ensure_ascii=False))
-    return path
 
 
 @pytest.fixture(scope="module")

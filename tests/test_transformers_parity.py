@@ -7,8 +7,8 @@ import torch
 
 import clip
 from model import Tokenizer, load_llama
-from tests.helpers import edit_json, random_state, tiny_args, write_hf
-from tests.test_clip import write_hf_clip
+from tests.formats import write_hf, write_hf_clip
+from tests.helpers import edit_json, random_state, tiny_args
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed: no parity check "
                                                           "against Hugging Face's own models")
