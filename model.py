@@ -365,9 +365,11 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
     elif not folder.is_dir():
         raise FileNotFoundError(f"no LLaMA checkpoint folder at {folder}")
     else:
+        found = sorted(p.name for p in folder.iterdir())
         raise FileNotFoundError(
             f"{folder} holds neither Meta's layout (params.json + consolidated.NN.pth) nor Hugging "
-            f"Face's (config.json + pytorch_model*.bin or *.safetensors)")
+            f"Face's (config.json + pytorch_model*.bin or *.safetensors): it holds "
+            f"{', '.join(found[:8]) + (' ...' if len(found) > 8 else '') if found else 'nothing'}")
     tokenizer = load_tokenizer(find_tokenizer(folder))  # sentencepiece or LLaMA-3's ranks, as the file holds
     args = ModelArgs.from_params(params, max_seq_len=max_seq_len)
     if args.sliding_window is not None and max_seq_len > args.sliding_window:

@@ -345,7 +345,12 @@ def test_missing_folder(tmp_path):
 
 
 def test_empty_folder_names_both_layouts(tmp_path):
-    with pytest.raises(FileNotFoundError, match="params.json.*config.json"):
+    with pytest.raises(FileNotFoundError, match="params.json.*config.json.*: it holds nothing$"):
+        load_llama(tmp_path)
+    for name in ("model.gguf", "tokenizer.json"):  # a format it does not read: named, with what is there
+        (tmp_path / name).write_text("")
+    with pytest.raises(FileNotFoundError, match=r"config.json \+ pytorch_model\*.bin or \*.safetensors\): it holds "
+                                                r"model.gguf, tokenizer.json$"):
         load_llama(tmp_path)
 
 
