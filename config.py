@@ -8,6 +8,7 @@ recipes as presets, and the checks that turn bad input into one line before any 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +183,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("epochs", "batch_size", "effective_batch", "max_seq_len", "adapter_dim", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.accum_iter < 0 or cfg.max_steps < 0 or cfg.blr <= 0 or cfg.temperature <= 0:
-        raise UsageError("--accum_iter and --max_steps must be >= 0, --blr and --temperature > 0")
+    for name in ("accum_iter", "max_steps", "save_interval"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be at least 0, got {getattr(cfg, name)}")
+    for name in ("blr", "temperature", "dist_timeout"):  # nan and inf pass a plain `> 0`, then train nothing
+        if not math.isfinite(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name} must be a finite number above 0, got {getattr(cfg, name)}")
     if cfg.bits not in (16, 8, 4):
         raise UsageError(f"--bits {cfg.bits}: use 16, 8 or 4 (NF4, LaVIN-lite)")
     if cfg.instruct_mode not in data.instruct.MODES:
