@@ -359,9 +359,9 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
     """
     folder = Path(folder)
     if (folder / "params.json").is_file():
-        params, state = read_meta(folder)
+        params, state, described = *read_meta(folder), "params.json"
     elif (folder / "config.json").is_file():
-        params, state = read_hf(folder)
+        params, state, described = *read_hf(folder), "config.json"
     elif not folder.is_dir():
         raise FileNotFoundError(f"no LLaMA checkpoint folder at {folder}")
     else:
@@ -382,16 +382,17 @@ def load_llama(folder, dtype=torch.float32, device="cpu", max_seq_len: int = 204
         state["output.weight"] = state["tok_embeddings.weight"]  # what the model's state_dict lists under both names
     with torch.device("meta"):
         model = Llama(args)
-    load_strict(model, state, dtype, device, bits)
+    load_strict(model, state, dtype, device, bits, source=f"{folder}'s weights against its {described}")
     if args.tie_word_embeddings:  # loading assigned each name its own tensor: one matrix again
         model.output.weight = model.tok_embeddings.weight
     return model.eval(), tokenizer
 
 
-def load_strict(model: nn.Module, state: dict, dtype, device, bits: int = 16):
-    """load_state_dict(assign=True) after checking every key and shape; with bits 4 or 8 the
-    blocks' linear layers become quantized ones, filled as their weights arrive."""
-    check_state(model.state_dict(), state)
+def load_strict(model: nn.Module, state: dict, dtype, device, bits: int = 16, source: str = "checkpoint"):
+    """load_state_dict(assign=True) after checking every key and shape (an error names source, the
+    key and both shapes); with bits 4 or 8 the blocks' linear layers become quantized ones, filled
+    as their weights arrive."""
+    check_state(model.state_dict(), state, source)
     quantize_(model.layers, bits, dtype)  # empty QuantLinears on the meta device; 16 bits: nothing
     quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     # Tensor by tensor, so only one converted tensor exists beside the memory-mapped files.

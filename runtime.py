@@ -199,6 +199,11 @@ def others_running(samples: int = 10, interval: float = 0.01) -> int:
     return sorted(counts)[len(counts) // 2] if counts else 0
 
 
+def message(e: BaseException) -> str:
+    """An exception's text for a one-line error: KeyError's str() quotes its message."""
+    return e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+
+
 def config_parser(cls, description: str, fields=None, choices: dict | None = None, shown: dict | None = None,
                   default_text=None) -> argparse.ArgumentParser:
     """The command line of a config dataclass: a flag per field (or per name in `fields`), the

@@ -30,8 +30,8 @@ from lavin import LaVIN, LaVINArgs, load_adapters, load_lavin, read_adapters
 from model import KVCache
 from quant import bits_of
 from router import IMAGE, TEXT
-from runtime import (UsageError, busy_cores_note, config_parser, pick_dtype, plain_warnings, setup_distributed,
-                     use_compile)
+from runtime import (UsageError, busy_cores_note, config_parser, message, pick_dtype, plain_warnings,
+                     setup_distributed, use_compile)
 
 
 @dataclass
@@ -99,10 +99,6 @@ def make_config(argv=None) -> SampleConfig:
         raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")
     check_at_least(cfg, {"max_new_tokens": 1, "batch_size": 1, "temperature": 0, "threads": 0})
     return cfg
-
-
-def message(e: BaseException) -> str:
-    return e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)  # KeyError quotes str()
 
 
 def read_checkpoint(path) -> dict:

@@ -49,8 +49,8 @@ from data.batching import IGNORE_INDEX
 from data.table import show_samples
 from evaluate import evaluate_split
 from lavin import LaVIN, compile_blocks, load_lavin
-from runtime import (Interrupted, StopRequest, UsageError, busy_cores_note, peer_lost, pick_dtype, plain_warnings,
-                     setup_distributed, use_compile)
+from runtime import (Interrupted, StopRequest, UsageError, busy_cores_note, message, peer_lost, pick_dtype,
+                     plain_warnings, setup_distributed, use_compile)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -273,8 +273,11 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
 def build_model(cfg: TrainConfig, device, dtype) -> tuple[LaVIN, object]:
     """(LaVIN, tokenizer): frozen backbones in dtype, fresh fp32 adapters, the same on every rank."""
     torch.manual_seed(cfg.seed)
-    model, tok = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), dtype=dtype, device=device,
-                            max_seq_len=cfg.max_seq_len, bits=cfg.bits)
+    try:
+        model, tok = load_lavin(cfg.llama_path, cfg.clip_path, lavin_args(cfg), dtype=dtype, device=device,
+                                max_seq_len=cfg.max_seq_len, bits=cfg.bits)
+    except (OSError, KeyError, ValueError, TypeError) as e:  # weight files that do not fit their config
+        raise UsageError(message(e)) from e
     model.llama.grad_checkpointing = model.visual.grad_checkpointing = cfg.grad_checkpointing
     if cfg.compile:
         compile_blocks(model)

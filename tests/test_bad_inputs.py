@@ -4,7 +4,7 @@ import pytest
 
 from config import make_config, resolve
 from runtime import UsageError
-from tests.helpers import run_cli
+from tests.helpers import edit_json, run_cli
 
 
 @pytest.mark.parametrize("flag,value,said", [
@@ -29,3 +29,20 @@ def test_a_nan_learning_rate_is_one_line_on_the_command_line(tmp_path):
     r = run_cli("--dataset", "shapes", "--blr", "nan", "--output_dir", str(tmp_path / "out"))
     assert r.returncode == 1 and r.stderr.strip() == "error: --blr must be a finite number above 0, got nan"
     assert not (tmp_path / "out").exists()
+
+
+def test_params_json_that_does_not_match_its_weights_is_one_line(tmp_path, tiny_set):
+    """params.json says dim 128 over weights 96 wide: one line naming the folder, params.json, the
+    key and both shapes, from train.py as from sample.py. Planted: train.build_model without its
+    try (the 22-line traceback of before); check_state's source left as "checkpoint"."""
+    import shutil
+
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny_set / "llama", llama)
+    shutil.copy(tiny_set / "tokenizer.model", llama / "tokenizer.model")
+    edit_json(llama / "params.json", lambda p: p.update(dim=128))
+    r = run_cli("--dataset", "shapes", "--data_path", str(tiny_set), "--llama_path", str(llama),
+                "--output_dir", str(tmp_path / "out"))
+    want = (f"error: {llama}'s weights against its params.json: tok_embeddings.weight has shape (")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(want) and "96), the model's is (" in r.stderr and "128)" in r.stderr
