@@ -31,10 +31,34 @@ def rng_state(device: torch.device) -> dict:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
+def unusable(run) -> str:
+    """Why the adapters at run.step must not be saved over the last checkpoint, or "": every step
+    since it skipped for a NaN or inf loss (nothing trained, or adapters that give no finite loss
+    any more: skipped steps change nothing, so the run would never recover), or adapters that are
+    no longer finite."""
+    last = run.out / CHECKPOINT
+    kept = f"{last} is the last good checkpoint" if last.exists() else "no checkpoint was written"
+    since, skipped = run.step - run.saved[0], run.skipped - run.saved[1]
+    if since and skipped == since:
+        return (f"the loss was NaN or inf at every one of the {since} steps since step {run.saved[0]}, so they were "
+                f"skipped and nothing trained ({kept}): lower --blr (it is {run.cfg.blr}), check --precision and "
+                f"that the answers fit --max_seq_len")
+    params = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    if not torch.stack([torch.isfinite(p).all() for _, p in params]).all():  # one host sync
+        name = next(n for n, p in params if not torch.isfinite(p).all())
+        return (f"the adapters are no longer finite at step {run.step} ({name} holds NaN or inf; {kept}): "
+                f"lower --blr (it is {run.cfg.blr}) or use --precision bf16")
+    return ""
+
+
 def save_checkpoint(run):
     """checkpoint.pth and adapters.pth of train.Run `run`. Every rank calls this: the RNG states
     of all ranks go into the file, written by rank 0. A file that cannot be written (a full disk,
-    a folder that vanished) leaves the previous one whole, and every rank stops with one line."""
+    a folder that vanished) leaves the previous one whole, and every rank stops with one line.
+    So do adapters that are no use: nothing would look more like a finished run."""
+    why = unusable(run)
+    if why:  # the same on every rank: the adapters are replicas, the loss all-reduced
+        raise UsageError(why)
     rngs = [rng_state(run.device)]
     if dist.is_initialized():
         rngs = [None] * run.world
@@ -61,6 +85,7 @@ def save_checkpoint(run):
         error = box[0]
     if error:
         raise UsageError(error)
+    run.saved = (run.step, run.skipped)
 
 
 def carries_on(cfg) -> bool:
@@ -134,6 +159,7 @@ def restore(run, ckpt: dict, note: str = ""):
     if run.scaler is not None and ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.step, run.skipped = ckpt["step"], ckpt.get("skipped", 0)
+    run.saved = (run.step, run.skipped)
     rng = ckpt["rng"][run.rank] if ckpt["world_size"] == run.world else ckpt["rng"][0]
     torch.set_rng_state(rng["torch"])
     if run.device.type == "cuda" and rng["cuda"] is not None:

@@ -295,9 +295,16 @@ def to_rgb(image: Image.Image, background=None) -> Image.Image:
 
 def load_image(path, background=None) -> Image.Image:
     """Open a path or binary file, fully decode (so truncated files fail here), apply EXIF
-    orientation, convert to RGB (see to_rgb for background)."""
+    orientation, convert to RGB (see to_rgb for background). A picture over Pillow's
+    decompression-bomb limit is refused from its header, before anything is decoded."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by its size
+            im = Image.open(path)  # the header only: nothing decoded yet
+        with im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, more than Pillow's "
+                                                   f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}")
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # in place: no extra copy of a 48-Mpixel photo
             return to_rgb(im, background)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,28 +53,39 @@ def evaluate(model: LaVIN, tokenizer, task, *, batch_size: int = 16, max_new_tok
     prompts = [tokenizer.encode(s.turns[0][0], bos=True, eos=False) for s in samples]
     inserted = model.inserted(torch.tensor([s.image is not None for s in samples])).tolist()
     size = [len(p) + n for p, n in zip(prompts, inserted)]  # positions each prompt takes
+    # A prompt with no room left for one new token is skipped, not allowed to stop the evaluation:
+    # it is answered "" (an unparsed answer in the table), and named.
+    limit = model.llama.args.max_seq_len
+    too_long = [i for i in range(len(samples)) if size[i] >= limit]
+    if too_long and rank == 0:
+        named = ", ".join(f"{samples[i].pid} ({size[i]})" for i in too_long[:10]) + " ..." * (len(too_long) > 10)
+        warnings.warn(f"{len(too_long)} prompt(s) of {dataset.name} take max_seq_len={limit} positions "
+                      f"or more and were skipped (counted unparsed): problem {named}", stacklevel=2)
     # Longest first (an out-of-memory shows at once); striding keeps the ranks' lengths alike.
-    order = sorted(range(len(samples)), key=lambda i: -size[i])[rank::world_size]
+    order = sorted(set(range(len(samples))) - set(too_long), key=lambda i: (-size[i], i))[rank::world_size]
     R = model.visual.resolution
-    texts, row_steps = {}, 0
+    texts, row_steps = ({samples[i].pid: "" for i in too_long} if rank == 0 else {}), 0
     stop = (lambda row, ids: task.stop(tokenizer.decode(ids))) if early_stop else None
     decoder = StaticDecoder(model.llama) if compile else None
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc="evaluating", unit="batch", disable=not progress or rank != 0):
-        rows = [samples[i] for i in idx]
-        ind = torch.tensor([s.image is not None for s in rows], dtype=torch.long, device=device)
-        images = None
-        if ind.any():
-            images = torch.stack([dataset.load_image(s.pid, s.image) if s.image else torch.zeros(3, R, R)
-                                  for s in rows]).to(device)
-        # The longest row's room is the batch's budget (the official code cuts it the same way).
-        budget = max(1, min(max_new_tokens, model.llama.args.max_seq_len - max(size[i] for i in idx)))
-        st = {}
-        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-            outs = generate(model, tokenizer, [prompts[i] for i in idx], images, ind, budget, stop=stop, stats=st,
-                            decoder=decoder)
-        row_steps += st["steps"] * len(idx)
-        texts.update({s.pid: tokenizer.decode(o) for s, o in zip(rows, outs)})
+    # The bar is a context: stopped midway (Ctrl-C), it still ends its line before what is said next.
+    with tqdm(batches, desc="evaluating", unit="batch", disable=not progress or rank != 0) as bar:
+        for idx in bar:
+            rows = [samples[i] for i in idx]
+            ind = torch.tensor([s.image is not None for s in rows], dtype=torch.long, device=device)
+            images = None
+            if ind.any():
+                images = torch.stack([dataset.load_image(s.pid, s.image) if s.image else torch.zeros(3, R, R)
+                                      for s in rows]).to(device)
+            # The longest row's room is the batch's budget (the official code cuts it the same way).
+            budget = max(1, min(max_new_tokens, model.llama.args.max_seq_len - max(size[i] for i in idx)))
+            st = {}
+            cast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with cast:
+                outs = generate(model, tokenizer, [prompts[i] for i in idx], images, ind, budget, stop=stop,
+                                stats=st, decoder=decoder)
+            row_steps += st["steps"] * len(idx)
+            texts.update({s.pid: tokenizer.decode(o) for s, o in zip(rows, outs)})
     model.train(was_training)
     if stats is not None:
         stats.update(row_steps=row_steps, problems=len(order))

@@ -92,8 +92,9 @@ def check_at_least(cfg, lows: dict):
 
 def make_config(argv=None) -> SampleConfig:
     argv = sys.argv[1:] if argv is None else argv
+    shown = {k: tuple(v for v in values if v not in ("", 0)) for k, values in CHOICES.items()}  # "" / 0: the run's
     p = config_parser(SampleConfig, "Ask a trained LaVIN about an image, chat with it, or evaluate it.",
-                      choices=CHOICES)
+                      choices=CHOICES, shown=shown)
     cfg = SampleConfig(**vars(p.parse_args(argv)))
     if any(a == "--prompt" or a.startswith("--prompt=") for a in argv) and not cfg.prompt.strip():
         raise UsageError("--prompt is empty: type the question, or leave --prompt out to chat about --image")

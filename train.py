@@ -179,6 +179,7 @@ class Run:
     out: Path
     step: int = 0  # optimizer steps done
     skipped: int = 0  # steps skipped for a NaN or inf loss
+    saved: tuple[int, int] = (0, 0)  # (step, skipped) of the last checkpoint written or resumed from
 
     def say(self, *args):
         if self.rank == 0:
@@ -229,6 +230,10 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
                             instruct_mode=cfg.instruct_mode, coco_root=cfg.coco_root, max_seq_len=cfg.max_seq_len,
                             reserve=model.n_inserted, image_mode=cfg.image_mode,
                             resolution=model.visual.resolution)
+    if ds.n_no_target == len(ds):  # NaN losses, skipped steps, and nothing trained
+        raise UsageError(f"--max_seq_len {cfg.max_seq_len} leaves no room for any answer: every one of the "
+                         f"{len(ds)} samples of {ds.name} lost its whole target to the cut (the image's "
+                         f"{model.n_inserted} inserted positions count too): raise it")
     n_bad = check_images(ds, cfg.skip_bad_images, rank, world)
     if n_bad and rank == 0:
         print(f"skipping {n_bad} samples whose image cannot be read")
@@ -367,18 +372,10 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
     return loss
 
 
-def finish(run: Run, loss: float) -> dict:
-    """The end of a run: the skipped-step warning, the evaluations (a line each in log.jsonl,
-    results.json and the rest), samples.png and the next command to try."""
+def evaluate_all(run: Run, found: list, evals: dict):
+    """Each evaluation of config.evaluations into evals, by name: its files, a line in log.jsonl
+    and, for a ScienceQA-format set, samples.png."""
     cfg, out = run.cfg, run.out
-    if run.skipped:
-        run.say(f"warning: {run.skipped} step(s) had a NaN or inf loss and were skipped on every rank")
-    result = {"steps": run.step, "loss": loss, "skipped": run.skipped, "eval": None, "model": run.model}
-    found = [] if cfg.skip_eval else evaluations(cfg)
-    if not cfg.skip_eval and not found:
-        run.say(f"note: {cfg.data_path} holds no evaluation set (mme/, alpaca_{cfg.eval_split}.json); score the "
-                f"chatbot with  python sample.py --run {out} --dataset mme --data_path <MME folder>")
-    evals = {}
     for name, root, split, folder in found:
         task = data.evaluation(name, root, split, run.tok, prompt_format=cfg.prompt_format,
                                image_mode=cfg.image_mode, resolution=run.model.visual.resolution)
@@ -391,6 +388,25 @@ def finish(run: Run, loss: float) -> dict:
                 log.write(json.dumps({"eval": evals[name]}) + "\n")
             if name in ("scienceqa", "shapes"):
                 show_samples(task, cfg.eval_split, cfg.prompt_format, out)
+
+
+def finish(run: Run, loss: float) -> dict:
+    """The end of a run: the skipped-step warning, the evaluations (a line each in log.jsonl,
+    results.json and the rest), samples.png and the next command to try."""
+    cfg, out = run.cfg, run.out
+    if run.skipped:
+        run.say(f"warning: {run.skipped} step(s) had a NaN or inf loss and were skipped on every rank")
+    result = {"steps": run.step, "loss": loss, "skipped": run.skipped, "eval": None, "model": run.model}
+    found = [] if cfg.skip_eval else evaluations(cfg)
+    if not cfg.skip_eval and not found:
+        run.say(f"note: {cfg.data_path} holds no evaluation set (mme/, alpaca_{cfg.eval_split}.json); score the "
+                f"chatbot with  python sample.py --run {out} --dataset mme --data_path <MME folder>")
+    evals = {}
+    try:
+        evaluate_all(run, found, evals)
+    except KeyboardInterrupt:  # the training is saved: say how to finish the rest
+        raise Interrupted(f"interrupted during the evaluation: the trained adapters are saved in {out / ADAPTERS}; "
+                          f"finish the evaluation with  python sample.py --run {out}") from None
     # a ScienceQA-format run's table; a chatbot's {"mme": ..., "alpaca": ...}
     result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(data.EVAL_OF[cfg.dataset])
     if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from data.scienceqa import (DEFAULT_ROOT, LETTERS, DataError, build_prompt, check_format, load_json, open_split,
@@ -59,15 +60,20 @@ def to_indices(raw: dict, problems: dict, pids: list[str]) -> dict[str, int]:
     if missing:
         raise DataError(f"no prediction for {len(missing)} of the {len(pids)} problems "
                         f"(e.g. {', '.join(missing[:5])})")
-    out = {}
+    out, outside = {}, []
     for pid in pids:
         pred, n = raw[pid], len(problems[pid]["choices"])
         if isinstance(pred, str):
             out[pid] = parse_answer(pred, n)
-        elif isinstance(pred, int) and not isinstance(pred, bool):
+        elif isinstance(pred, int) and not isinstance(pred, bool):  # true/false are no choice
             out[pid] = pred if 0 <= pred < n else -1
+            if not -1 <= pred < n:
+                outside.append(f"{pid}: {pred} of {n} choices")
         else:
             raise DataError(f"prediction for {pid} should be generated text or a choice index, got {pred!r}")
+    if outside:  # said, or a file indexed from 1 would pass for a model that answers nothing
+        warnings.warn(f"{len(outside)} predictions are choice indices out of range, counted unparsed (e.g. "
+                      f"{', '.join(outside[:3])}): indices count from 0, and -1 is an unparsed answer", stacklevel=2)
     return out
 
 
@@ -223,6 +229,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from runtime import plain_warnings
+
+    plain_warnings()
     try:
         main()
     except (DataError, FileNotFoundError) as e:  # bad input: the message says it all

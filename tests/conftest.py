@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules; the builders they use: helpers.py."""
 import io
+import signal
 import types
 from pathlib import Path
 
@@ -17,8 +18,13 @@ from tests.helpers import N, content_tokens, scripted_lavin, train_tokenizer, wr
 
 
 def pytest_configure(config):
-    """The tests run on the threads the entry points choose (runtime.cpu_threads)."""
+    """The tests run on the threads the entry points choose (runtime.cpu_threads). A suite started
+    as a background job (`python -m pytest &`) inherits SIGINT ignored, and so would every child
+    it starts, which then could not be stopped by the SIGINT the tests send: Python's own handler
+    back here, and a child, after exec, starts with the default action."""
     cpu_threads(torch.device("cpu"))
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

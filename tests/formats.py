@@ -5,9 +5,12 @@ the loaders under test then read the same bytes a real download holds.
            (q/k rows permuted as transformers' converter does)
   CLIP     Hugging Face's CLIPModel folder (OpenAI's archive is torch.save of the state dict)
   LLaMA-3  a BPE vocabulary trained here, as Meta's ranks file or Hugging Face's tokenizer.json
+  PNG      a header alone, of any size (a decompression bomb without its pixels)
 """
 import json
 import random
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -200,3 +203,11 @@ def write_tokenizer_json(path, ranks: dict, special: dict[int, str]):
                       "vocab": {spell(t): r for t, r in ranks.items()}, "merges": merges}}
     path.write_text(json.dumps(spec, ensure_ascii=False))
     return path
+
+
+def png_header(width, height) -> bytes:
+    """A PNG of the given size without pixel data: Pillow reads the size before anything else."""
+    def chunk(kind, data=b""):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND")

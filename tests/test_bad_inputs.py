@@ -1,6 +1,7 @@
 """Bad inputs end in one line that says what to fix, before any compute (issue 34's table, row by
 row). Each test names the bug it was checked against: planted once, the test failed."""
 import pytest
+import torch
 
 from config import make_config, resolve
 from runtime import UsageError
@@ -46,3 +47,118 @@ def test_params_json_that_does_not_match_its_weights_is_one_line(tmp_path, tiny_
     want = (f"error: {llama}'s weights against its params.json: tok_embeddings.weight has shape (")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(want) and "96), the model's is (" in r.stderr and "128)" in r.stderr
+
+
+def test_no_room_for_any_answer_is_refused_before_training(tmp_path, tiny_set):
+    """--max_seq_len 8: every sample loses its whole target. Planted: the check in train.setup
+    removed (the run trained NaN steps, wrote adapters.pth, then died in the evaluation)."""
+    out = tmp_path / "out"
+    r = run_cli("--dataset", "shapes", "--data_path", str(tiny_set), "--max_seq_len", "8", "--output_dir", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --max_seq_len 8 leaves no room for any answer: every one of the 24 samples of shapes/train lost its whole "
+        "target to the cut (the image's 6 inserted positions count too): raise it")
+    assert not (out / "checkpoint.pth").exists() and not (out / "adapters.pth").exists()
+
+
+def test_a_run_whose_loss_stays_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_set):
+    """--blr 1e30 (finite): the adapters blow up in two steps, then every loss is NaN and skipped,
+    which changes nothing: the second epoch's checkpoint is refused with an error and exit 1, no
+    evaluation runs, the first epoch's checkpoint stays whole. Planted: checkpoint.unusable
+    returning "" (the run finished, exit 0, with useless adapters and one warning)."""
+    out = tmp_path / "out"
+    r = run_cli("--dataset", "shapes", "--data_path", str(tiny_set), "--output_dir", str(out), "--blr", "1e30",
+                "--epochs", "4", "--batch_size", "4", "--effective_batch", "8")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: the loss was NaN or inf at every one of the 3 steps since step 3, so they were skipped and nothing "
+        f"trained ({out / 'checkpoint.pth'} is the last good checkpoint): lower --blr (it is 1e+30), check "
+        f"--precision and that the answers fit --max_seq_len")
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert not (out / "results.json").exists()
+
+
+def test_adapters_that_are_not_finite_are_never_saved(tmp_path, tiny_set):
+    """A run's adapters holding a NaN (fp16 overflow, say) at a checkpoint: an error naming the
+    tensor, the checkpoint before it left as it was. Planted: the isfinite check removed."""
+    import train
+    from checkpoint import save_checkpoint
+    from tests.helpers import config
+
+    out = tmp_path / "out"
+    cfg = resolve(config(tiny_set, out))
+    run = train.setup(cfg, 0, 1, torch.device("cpu"))
+    save_checkpoint(run)  # step 0: fine
+    name, p = next((n, p) for n, p in run.model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        p.view(-1)[0] = float("nan")
+    run.step = 1
+    with pytest.raises(UsageError, match=rf"the adapters are no longer finite at step 1 \({name} holds NaN or inf; "
+                                         rf"{out / 'checkpoint.pth'} is the last good checkpoint\)"):
+        save_checkpoint(run)
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["step"] == 0
+
+
+def test_a_test_question_too_long_is_skipped_and_counted_not_fatal(tmp_path, tiny_set):
+    """One test problem longer than max_seq_len: train.py's evaluation at the end and sample.py --run
+    both finish, warn naming its problem id, and count it unparsed. Planted: the skip in
+    evaluate.evaluate removed (generate.ContextTooLong, `prompt 0 takes ...`, stopped both)."""
+    import json
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_set, root)
+    pid = json.loads((root / "pid_splits.json").read_text())["test"][0]
+    edit_json(root / "problems.json", lambda p: p[pid].update(question="How many words is this? " + "word " * 300))
+    out = tmp_path / "out"
+    r = run_cli("--dataset", "shapes", "--data_path", str(root), "--output_dir", str(out), "--max_steps", "1",
+                "--batch_size", "4", "--effective_batch", "8", "--eval_batch_size", "18")
+    assert r.returncode == 0, r.stderr[-2000:]
+    warned = [line for line in r.stderr.splitlines() if "were skipped (counted unparsed)" in line]
+    # the whole line, and only it: a warning ends its line (planted: plain_warnings without its "\n")
+    assert len(warned) == 1 and re.fullmatch(rf"warning: 1 prompt\(s\) of shapes/test take max_seq_len=256 positions "
+                                             rf"or more and were skipped \(counted unparsed\): problem {pid} \(\d+\)",
+                                             warned[0]), warned
+    result = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "preds.json").read_text())[pid] == -1 and result["unparsed"] >= 1 and result["n"] == 18
+    s = subprocess.run([sys.executable, "sample.py", "--run", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert s.returncode == 0, s.stderr[-2000:]
+    assert f"problem {pid} (" in s.stderr and json.loads((out / "eval-test" / "results.json").read_text()) == result
+
+
+def test_ctrl_c_in_the_evaluation_at_the_end_says_how_to_finish_it(tmp_path, tiny_set):
+    """A real SIGINT once the evaluation has begun: exit 130, the adapters kept, one line naming
+    `python sample.py --run DIR`. Planted: finish() without its except (a bare `interrupted`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "train.py", "--dataset", "shapes", "--data_path", str(tiny_set),
+                          "--output_dir", str(out), "--max_steps", "1", "--batch_size", "4", "--effective_batch", "8",
+                          "--eval_batch_size", "1"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen, deadline = "", time.time() + 120
+    while "evaluating:" not in seen:  # tqdm's bar: the evaluation has begun
+        ch = p.stderr.read(1)
+        assert ch and time.time() < deadline, seen[-2000:]
+        seen += ch
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted during the evaluation: the trained adapters are saved in {out / 'adapters.pth'}; finish the "
+        f"evaluation with  python sample.py --run {out}")
+    assert (out / "adapters.pth").exists() and not (out / "results.json").exists()

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import types
-import zlib
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ import demo
 import sample
 from generate import generate
 from router import IMAGE, TEXT
+from tests.formats import png_header
 from tests.helpers import Paced, chat, events, request, serve, user
 
 
@@ -144,14 +144,6 @@ def test_info_page_and_example_pictures(site):
     assert res.status == 200 and page == (ROOT / "demo.html").read_bytes()
     assert b"http://" not in page and b"https://" not in page and b"src=\"//" not in page  # nothing from outside
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
-
-
-def png_header(width, height) -> bytes:
-    """A PNG of the given size without pixel data: Pillow reads the size before anything else."""
-    def chunk(kind, data=b""):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND")
 
 
 def picture_bytes(fmt) -> bytes:

@@ -16,7 +16,7 @@ from generate import Stream, generate
 from lavin import LaVINArgs, save_adapters
 from router import IMAGE
 from sample import SampleConfig, UsageError, converse, main, make_config, resolve, typed_lines
-from tests.formats import write_meta
+from tests.formats import png_header, write_meta
 from tests.helpers import official_checkpoint, random_lavin, random_state, tiny_args
 
 
@@ -139,6 +139,7 @@ def other_size_checkpoint(world, tmp_path):
 @pytest.mark.parametrize("case, match", [
     ("missing image", "no image at"),
     ("unreadable image", "cannot read image"),
+    ("huge image", r"huge.png: DecompressionBombError: 12000x12000 pixels, more than Pillow's decompression-bomb limit"),
     ("other size", r"small.pth: llama.layers.0.adapter_attn.conv_A.weight has shape \(8, 64\), the model's is "
                    r"\(8, 192\) \(adapters for another model than"),
     ("long prompt", "exceeds max_seq_len=256"),
@@ -153,6 +154,9 @@ def test_bad_input_is_one_clear_line(world, tmp_path, case, match):
     elif case == "unreadable image":
         (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
         cfg.image = str(tmp_path / "bad.png")
+    elif case == "huge image":  # planted: clip.load_image without its size check (it decoded 1.44 GB)
+        (tmp_path / "huge.png").write_bytes(png_header(12_000, 12_000))
+        cfg.image = str(tmp_path / "huge.png")
     elif case == "other size":
         cfg.adapters = other_size_checkpoint(world, tmp_path)
     elif case == "long prompt":

@@ -69,3 +69,23 @@ def test_samples_picture_shows_every_kind_of_image_question(tmp_path):
     kinds = {" ".join(problems[pid]["question"].split()[:2]) for pid in test}
     assert {" ".join(problems[pid]["question"].split()[:2]) for pid, _ in drawn} == kinds
     assert Image.open(tmp_path / "samples.png").size[0] == 3 * 160
+
+
+def test_choice_indices_out_of_range_are_named_not_only_counted(sqa, tmp_path):
+    """A preds.json indexed from 1: each index past the choices is counted unparsed, and one warning
+    says how many were out of range (planted: the warning removed: only "N answers unparsed")."""
+    (tmp_path / "p.json").write_text(json.dumps({**PREDS, "t4": 2, "t6": 9}))  # t4 has 2 choices, t6 3
+    with pytest.warns(UserWarning, match=r"^3 predictions are choice indices out of range, counted unparsed \(e.g. "
+                                         r"t4: 2 of 2 choices, t6: 9 of 3 choices, t12: 7 of \d choices\): indices "
+                                         r"count from 0, and -1 is an unparsed answer$"):
+        result = table.main(["--data", str(sqa), "--preds", str(tmp_path / "p.json"), "--out", str(tmp_path / "r.json")])
+    assert result["unparsed"] == 6
+
+
+@pytest.mark.parametrize("pred", [True, False])
+def test_true_or_false_is_no_choice(sqa, tmp_path, pred):
+    """JSON true/false are Python's bool, an int: never read as choice 1 or 0 (planted: the
+    `not isinstance(pred, bool)` dropped)."""
+    (tmp_path / "p.json").write_text(json.dumps({**PREDS, "t4": pred}))
+    with pytest.raises(DataError, match=f"prediction for t4 should be generated text or a choice index, got {pred}"):
+        table.main(["--data", str(sqa), "--preds", str(tmp_path / "p.json")])
