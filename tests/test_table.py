@@ -89,3 +89,23 @@ def test_true_or_false_is_no_choice(sqa, tmp_path, pred):
     (tmp_path / "p.json").write_text(json.dumps({**PREDS, "t4": pred}))
     with pytest.raises(DataError, match=f"prediction for t4 should be generated text or a choice index, got {pred}"):
         table.main(["--data", str(sqa), "--preds", str(tmp_path / "p.json")])
+
+
+def test_the_command_line_warning_is_one_line_of_its_own(sqa, tmp_path):
+    """`python -m data.table` prints the warning as `warning: ...`, a line of its own, before the table
+    (stderr and stdout together, as a terminal shows them). Planted: plain_warnings' "\\n" dropped
+    (the table's first line then ran on after the warning); plain_warnings() not called."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    (tmp_path / "p.json").write_text(json.dumps(PREDS))
+    r = subprocess.run([sys.executable, "-m", "data.table", "--data", str(sqa), "--preds", str(tmp_path / "p.json"),
+                        "--out", str(tmp_path / "r.json")], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=60)
+    lines = r.stdout.split("\n")
+    assert r.returncode == 0 and lines[0] == ("warning: 1 predictions are choice indices out of range, counted "
+                                              "unparsed (e.g. t12: 7 of 2 choices): indices count from 0, and -1 is "
+                                              "an unparsed answer"), r.stdout
+    assert lines[1].startswith("split test: 12 problems, 4 answers unparsed")
