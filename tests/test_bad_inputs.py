@@ -162,3 +162,27 @@ def test_ctrl_c_in_the_evaluation_at_the_end_says_how_to_finish_it(tmp_path, tin
         f"interrupted during the evaluation: the trained adapters are saved in {out / 'adapters.pth'}; finish the "
         f"evaluation with  python sample.py --run {out}")
     assert (out / "adapters.pth").exists() and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_help_shows_each_flag_once_with_its_real_choices(script):
+    """Planted: sample.py's choices shown as checked ({,scienceqa,...}, {0,16,8,4}); a bool field
+    that defaults to True given --no-NAME twice (--no_compile / --no-no_compile)."""
+    import dataclasses
+    import re
+    import subprocess
+    import sys
+
+    from sample import SampleConfig
+    from tests.helpers import ROOT
+    from train import TrainConfig
+
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    options = r.stdout.split("options:")[1]
+    entries = re.findall(r"^  (--\S+?)(?:,| |\n)", options, flags=re.M)
+    names = [f.name for f in dataclasses.fields(TrainConfig if script == "train.py" else SampleConfig)]
+    assert entries == [f"--{n}" for n in names]  # one entry a field, in order (-h, --help comes first)
+    assert "{," not in r.stdout and ",}" not in r.stdout and "--no-no_" not in r.stdout
+    if script == "sample.py":
+        for shown in ("--dataset {scienceqa,shapes,mme,alpaca,coco}", "--bits {16,8,4}", "--image_mode {lavin,clip}"):
+            assert shown in r.stdout
