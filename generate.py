@@ -70,7 +70,7 @@ class StaticDecoder:
     the addresses it was captured with, so the decoder keeps one cache of max_seq_len slots per
     batch size and hands it out again, emptied, to every batch of that size."""
 
-    def __init__(self, llama: Llama, compile: bool = True):
+    def __init__(self, llama: Llama, compile: bool = True, backend: str = "inductor"):
         self.llama, self.caches, self.step = llama, {}, llama.decode_step
         if compile:
             cuda = llama.tok_embeddings.weight.device.type == "cuda"
@@ -81,7 +81,10 @@ class StaticDecoder:
                 # Fused kernels round to bf16/fp16 where eager does: else the tokens drift from eager's.
                 options["emulate_precision_casts"] = True
             # dynamic=False: one graph per batch size (an evaluation has two, its batch and its last)
-            self.step = torch.compile(llama.decode_step, options=options, fullgraph=True, dynamic=False)
+            # backend "eager": traced as compiled code is (each layer's compiled branch) without building
+            # kernels, for the tests
+            self.step = torch.compile(llama.decode_step, backend=backend, options=options if backend == "inductor"
+                                      else None, fullgraph=True, dynamic=False)
 
     def cache(self, batch: int, pad, dtype) -> KVCache:
         """The cache for `batch` rows with left padding pad (B,) (None: none), emptied."""

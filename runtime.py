@@ -181,7 +181,7 @@ def free_cores(cores: int, others: int, most: int) -> int:
     return max(1, min(most, cores - others))
 
 
-def others_running(samples: int = 10, interval: float = 0.01) -> int:
+def others_running(samples: int = 10, interval: float = 0.01, stat: str = "/proc/stat") -> int:
     """How many other tasks the kernel has running or ready to run (Linux's /proc/stat
     procs_running, less this thread): the median of samples over a tenth of a second, spent
     spinning, not sleeping, so that two runs started together see each other. 0 where there is
@@ -189,7 +189,7 @@ def others_running(samples: int = 10, interval: float = 0.01) -> int:
     counts = []
     for _ in range(samples):
         try:
-            with open("/proc/stat") as f:
+            with open(stat) as f:
                 counts += [int(line.split()[1]) - 1 for line in f if line.startswith("procs_running")]
         except OSError:
             return 0

@@ -71,10 +71,11 @@ def lr_at(epoch: float, cfg: TrainConfig, lr: float) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: LaVIN, cfg: TrainConfig, lr: float, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and 1-D parameters. fused:
-    one kernel for all of them (CUDA); else the multi-tensor (foreach) update, a few ops for all
+def make_optimizer(model: LaVIN, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and 1-D parameters. On CUDA
+    fused: one kernel for all of them; else the multi-tensor (foreach) update, a few ops for all
     parameters instead of a dozen per parameter, and on the CPU the same bits as the plain loop."""
+    fused = device.type == "cuda"
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -246,7 +247,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
     total = steps_per_epoch * cfg.epochs
     lr = cfg.blr * global_batch / 256
     run = Run(cfg, rank, world, device, dtype, model, model, tok, ds, sampler,
-              opt=make_optimizer(model, cfg, lr, fused=device.type == "cuda"),
+              opt=make_optimizer(model, cfg, lr, device),
               scaler=torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
               accum=accum, global_batch=global_batch, lr=lr, steps_per_epoch=steps_per_epoch,
               stop=min(total, cfg.max_steps) if cfg.max_steps else total, out=Path(cfg.output_dir))

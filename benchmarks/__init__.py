@@ -75,7 +75,7 @@ def measure_step(model, batches, label, device, dtype, reps, flops_per_step=None
     import train
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    opt = train.make_optimizer(model, train.TrainConfig(), 1e-4, fused=device.type == "cuda")
+    opt = train.make_optimizer(model, train.TrainConfig(), 1e-4, device)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -67,7 +67,7 @@ def test_schedule_warms_up_then_follows_half_a_cosine_to_zero():
 
 def test_weight_decay_spares_biases_and_1d_parameters(tiny_set, tmp_path):
     model = train.main(config(tiny_set, tmp_path, max_steps=1))["model"]
-    opt = train.make_optimizer(model, TrainConfig(weight_decay=0.02), 1e-3, fused=False)
+    opt = train.make_optimizer(model, TrainConfig(weight_decay=0.02), 1e-3, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
     assert opt.param_groups[0]["weight_decay"] == 0.02 and opt.param_groups[1]["weight_decay"] == 0
@@ -129,7 +129,7 @@ def test_a_step_reports_the_adapters_gradient_norm_and_the_tokens_it_read():
                for b in micro) / (labels != -100).sum()
     loss.backward()
     want = math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in reference.parameters() if p.grad is not None))
-    opt = train.make_optimizer(model, TrainConfig(), 1e-3, fused=False)
+    opt = train.make_optimizer(model, TrainConfig(), 1e-3, torch.device("cpu"))
     got, norm, n_read = train.train_step(model, micro, opt, None, torch.autocast("cpu", enabled=False),
                                          torch.device("cpu"), 1)
     assert got == pytest.approx(loss.item(), rel=1e-6)
@@ -240,7 +240,7 @@ def test_two_processes_at_4_bits_equal_one(tiny_set, tmp_path):
 # ----------------------------------------------------------------------------- the optimizer step
 
 def test_adamw_has_the_papers_betas():
-    opt = train.make_optimizer(tiny_lavin(), TrainConfig(), 1e-3, fused=False)
+    opt = train.make_optimizer(tiny_lavin(), TrainConfig(), 1e-3, torch.device("cpu"))
     assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.95), (0.9, 0.95)]
 
 
@@ -260,7 +260,7 @@ def test_an_inf_or_nan_loss_skips_the_step(weight):
     model = InfLoss()
     if weight != weight:  # NaN
         model.forward = lambda *a, **k: (model.adapter_w * float("nan")).sum()
-    opt = train.make_optimizer(model, TrainConfig(), 1e-2, fused=False)
+    opt = train.make_optimizer(model, TrainConfig(), 1e-2, torch.device("cpu"))
     batch = {"tokens": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 3, dtype=torch.long),
              "images": torch.zeros(1, 3, 4, 4), "img_indicator": torch.ones(1, dtype=torch.long),
              "lengths": torch.tensor([3])}
@@ -281,7 +281,7 @@ def _nan_worker(rank, world, init_file, results):
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         DDP._set_params_and_buffers_to_ignore_for_model(model, frozen + [n for n, _ in model.named_buffers()])
         ddp = DDP(model)
-        opt = train.make_optimizer(model, TrainConfig(), 1e-2, fused=False)
+        opt = train.make_optimizer(model, TrainConfig(), 1e-2, torch.device("cpu"))
         g = torch.Generator().manual_seed(rank)
         tokens = torch.randint(13, 50, (2, 6), generator=g)
         tokens[:, 0] = 1
@@ -563,7 +563,7 @@ def test_a_training_step_dispatches_no_more_ops_than_the_official_one():
     labels = tokens.masked_fill(torch.arange(128) < 64, -100)  # the second half is the answer
     batch = {"tokens": tokens, "labels": labels, "images": torch.randn(4, 3, 28, 28, generator=g),
              "img_indicator": torch.tensor([1, 1, 0, 0]), "lengths": torch.full((4,), 128)}
-    opt = train.make_optimizer(model, TrainConfig(), 1e-3, fused=True)
+    opt = train.make_optimizer(model, TrainConfig(), 1e-3, torch.device("cuda"))  # the one a GPU run makes
     no_autocast = torch.autocast("cpu", enabled=False)
     train.train_step(model, [batch], opt, None, no_autocast, torch.device("cpu"), 1)  # AdamW's state made
     with CountOps() as count:
