@@ -32,17 +32,17 @@ def rng_state(device: torch.device) -> dict:
 
 
 def unusable(run) -> str:
-    """Why the adapters at run.step must not be saved over the last checkpoint, or "": every step
-    since it skipped for a NaN or inf loss (nothing trained, or adapters that give no finite loss
-    any more: skipped steps change nothing, so the run would never recover), or adapters that are
-    no longer finite."""
+    """Why the adapters at run.step must not be saved over the last checkpoint, or "": a NaN or inf
+    loss at every step for an epoch or more, or at every step of a run that ends now (a skipped
+    step changes nothing, so such a run never recovers; a lone skipped step, a batch whose answers
+    the cut removed, is no reason), or adapters that are no longer finite."""
     last = run.out / CHECKPOINT
     kept = f"{last} is the last good checkpoint" if last.exists() else "no checkpoint was written"
-    since, skipped = run.step - run.saved[0], run.skipped - run.saved[1]
-    if since and skipped == since:
-        return (f"the loss was NaN or inf at every one of the {since} steps since step {run.saved[0]}, so they were "
-                f"skipped and nothing trained ({kept}): lower --blr (it is {run.cfg.blr}), check --precision and "
-                f"that the answers fit --max_seq_len")
+    streak = run.nan_streak
+    if streak and (streak >= run.steps_per_epoch or (streak == run.step and run.step == run.stop)):
+        return (f"the loss was NaN or inf at every step since step {run.step - streak} ({streak} steps), and a "
+                f"skipped step changes nothing: the run would not recover ({kept}); lower --blr (it is "
+                f"{run.cfg.blr}), check --precision and that the answers fit --max_seq_len")
     params = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
     if not torch.stack([torch.isfinite(p).all() for _, p in params]).all():  # one host sync
         name = next(n for n, p in params if not torch.isfinite(p).all())
@@ -70,7 +70,8 @@ def save_checkpoint(run):
                  "optimizer": run.opt.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
                  "step": run.step, "rng": rngs, "world_size": run.world, "config": cfg,
                  "lavin_args": asdict(model.args), "llama_args": asdict(model.llama.args),
-                 "global_batch": run.global_batch, "steps_per_epoch": run.steps_per_epoch, "skipped": run.skipped}
+                 "global_batch": run.global_batch, "steps_per_epoch": run.steps_per_epoch, "skipped": run.skipped,
+                 "nan_streak": run.nan_streak}
         path = run.out / CHECKPOINT
         try:
             atomic_save(state, path)
@@ -85,7 +86,6 @@ def save_checkpoint(run):
         error = box[0]
     if error:
         raise UsageError(error)
-    run.saved = (run.step, run.skipped)
 
 
 def carries_on(cfg) -> bool:
@@ -158,8 +158,7 @@ def restore(run, ckpt: dict, note: str = ""):
     run.opt.load_state_dict(ckpt["optimizer"])
     if run.scaler is not None and ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.step, run.skipped = ckpt["step"], ckpt.get("skipped", 0)
-    run.saved = (run.step, run.skipped)
+    run.step, run.skipped, run.nan_streak = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("nan_streak", 0)
     rng = ckpt["rng"][run.rank] if ckpt["world_size"] == run.world else ckpt["rng"][0]
     torch.set_rng_state(rng["torch"])
     if run.device.type == "cuda" and rng["cuda"] is not None:

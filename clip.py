@@ -293,18 +293,27 @@ def to_rgb(image: Image.Image, background=None) -> Image.Image:
     return image.convert("RGB")  # L, P, 1, CMYK, YCbCr, F (as 0..255); alpha dropped
 
 
+def open_checked(path) -> Image.Image:
+    """Image.open (the header only, nothing decoded), refusing a picture over Pillow's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS; None lifts it) with DecompressionBombError,
+    where Pillow itself only warns below twice the limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by its size
+        im = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.width * im.height > limit:
+        im.close()
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, more than Pillow's decompression-bomb "
+                                           f"limit of {limit}")
+    return im
+
+
 def load_image(path, background=None) -> Image.Image:
     """Open a path or binary file, fully decode (so truncated files fail here), apply EXIF
     orientation, convert to RGB (see to_rgb for background). A picture over Pillow's
     decompression-bomb limit is refused from its header, before anything is decoded."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by its size
-            im = Image.open(path)  # the header only: nothing decoded yet
-        with im:
-            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels, more than Pillow's "
-                                                   f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}")
+        with open_checked(path) as im:
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # in place: no extra copy of a 48-Mpixel photo
             return to_rgb(im, background)

@@ -54,13 +54,14 @@ def evaluate(model: LaVIN, tokenizer, task, *, batch_size: int = 16, max_new_tok
     inserted = model.inserted(torch.tensor([s.image is not None for s in samples])).tolist()
     size = [len(p) + n for p, n in zip(prompts, inserted)]  # positions each prompt takes
     # A prompt with no room left for one new token is skipped, not allowed to stop the evaluation:
-    # it is answered "" (an unparsed answer in the table), and named.
+    # it is answered "" (an unparsed answer in ScienceQA's table, an empty caption), and named.
     limit = model.llama.args.max_seq_len
     too_long = [i for i in range(len(samples)) if size[i] >= limit]
     if too_long and rank == 0:
         named = ", ".join(f"{samples[i].pid} ({size[i]})" for i in too_long[:10]) + " ..." * (len(too_long) > 10)
-        warnings.warn(f"{len(too_long)} prompt(s) of {dataset.name} take max_seq_len={limit} positions "
-                      f"or more and were skipped (counted unparsed): problem {named}", stacklevel=2)
+        warnings.warn(f"{len(too_long)} prompt(s) of {dataset.name} take max_seq_len={limit} positions or more "
+                      f"and were skipped, answered with an empty text (unparsed in ScienceQA's table): problem "
+                      f"{named}", stacklevel=2)
     # Longest first (an out-of-memory shows at once); striding keeps the ranks' lengths alike.
     order = sorted(set(range(len(samples))) - set(too_long), key=lambda i: (-size[i], i))[rank::world_size]
     R = model.visual.resolution

@@ -40,7 +40,7 @@ class SampleConfig:
     run: str = ""  # a train.py output_dir: its adapters.pth, and every path below not given from its config;
     #                "" and no --llama_path/--clip_path: the newest run under out/
     llama_path: str = ""  # LLaMA folder (Meta's or Hugging Face's layout)
-    clip_path: str = ""  # OpenAI CLIP checkpoint (ViT-L-14.pt)
+    clip_path: str = ""  # OpenAI CLIP checkpoint (ViT-L-14.pt), or a Hugging Face CLIP folder
     adapters: str = ""  # our adapters.pth or the official checkpoint-19.pth; "" = untrained (the plain backbones)
     # one prompt, or a chat
     image: str = ""  # an image file; "" = text only (the router takes the text path). Without --prompt: a chat

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+import clip
 import curves
 import data
 from checkpoint import ADAPTERS, CHECKPOINT, LOG, carries_on, find_resume, open_log, restore, save_checkpoint
@@ -90,7 +91,6 @@ def check_images(ds, skip: bool, rank: int, world: int) -> int:
     """Open every image of the split (header and checksums, no decoding) before the first step:
     a corrupt file stops the run now, not hours in. Each rank checks a share. With skip, the
     samples are dropped instead; returns how many."""
-    from PIL import Image
     from tqdm import tqdm
 
     todo = [(i, s) for i, s in enumerate(ds.samples) if s.image is not None][rank::world]
@@ -98,7 +98,7 @@ def check_images(ds, skip: bool, rank: int, world: int) -> int:
     for i, s in tqdm(todo, desc="checking images", unit="img", disable=rank != 0 or len(todo) < 500,
                      mininterval=2.0):
         try:
-            with Image.open(s.image) as im:
+            with clip.open_checked(s.image) as im:  # the size limit clip.load_image applies too
                 im.verify()
         except Exception as e:
             bad.append((i, s.pid, s.image, f"{type(e).__name__}: {e}"))
@@ -180,7 +180,7 @@ class Run:
     out: Path
     step: int = 0  # optimizer steps done
     skipped: int = 0  # steps skipped for a NaN or inf loss
-    saved: tuple[int, int] = (0, 0)  # (step, skipped) of the last checkpoint written or resumed from
+    nan_streak: int = 0  # of those, the ones in a row up to now
 
     def say(self, *args):
         if self.rank == 0:
@@ -231,7 +231,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
                             instruct_mode=cfg.instruct_mode, coco_root=cfg.coco_root, max_seq_len=cfg.max_seq_len,
                             reserve=model.n_inserted, image_mode=cfg.image_mode,
                             resolution=model.visual.resolution)
-    if ds.n_no_target == len(ds):  # NaN losses, skipped steps, and nothing trained
+    if len(ds) and ds.n_no_target == len(ds):  # NaN losses, skipped steps, and nothing trained
         raise UsageError(f"--max_seq_len {cfg.max_seq_len} leaves no room for any answer: every one of the "
                          f"{len(ds)} samples of {ds.name} lost its whole target to the cut (the image's "
                          f"{model.n_inserted} inserted positions count too): raise it")
@@ -344,6 +344,7 @@ def epochs(run: Run, log, bar, stop: StopRequest) -> float:
                                  f"first): lower --batch_size (--accum_iter keeps the effective batch) or add "
                                  f"--grad_checkpointing") from None
             run.skipped += not math.isfinite(loss)
+            run.nan_streak = 0 if math.isfinite(loss) else run.nan_streak + 1
             run.step += 1
             seconds = time.perf_counter() - t0
             rate = run.global_batch / seconds
@@ -405,9 +406,12 @@ def finish(run: Run, loss: float) -> dict:
     evals = {}
     try:
         evaluate_all(run, found, evals)
-    except KeyboardInterrupt:  # the training is saved: say how to finish the rest
+    except KeyboardInterrupt:  # the training is saved: say how to finish the rest, exactly
+        rest = ["python sample.py --run " + " ".join([str(out), "--dataset", name, "--data_path", root]
+                                                     + ["--split", split] * bool(split) + ["--output_dir", str(folder)])
+                for name, root, split, folder in found if name not in evals]
         raise Interrupted(f"interrupted during the evaluation: the trained adapters are saved in {out / ADAPTERS}; "
-                          f"finish the evaluation with  python sample.py --run {out}") from None
+                          f"finish it with  {'  and  '.join(rest)}") from None
     # a ScienceQA-format run's table; a chatbot's {"mme": ..., "alpaca": ...}
     result["eval"] = (evals or None) if cfg.dataset in data.CHAT_DATASETS else evals.get(data.EVAL_OF[cfg.dataset])
     if found and cfg.dataset in data.CHAT_DATASETS and run.rank == 0:

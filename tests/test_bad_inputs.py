@@ -1,9 +1,13 @@
 """Bad inputs end in one line that says what to fix, before any compute (issue 34's table, row by
 row). Each test names the bug it was checked against: planted once, the test failed."""
+import json
+
 import pytest
 import torch
 
+import data
 from config import make_config, resolve
+from model import Tokenizer
 from runtime import UsageError
 from tests.helpers import edit_json, run_cli
 
@@ -71,9 +75,9 @@ def test_a_run_whose_loss_stays_nan_stops_and_keeps_the_last_good_checkpoint(tmp
                 "--epochs", "4", "--batch_size", "4", "--effective_batch", "8")
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: the loss was NaN or inf at every one of the 3 steps since step 3, so they were skipped and nothing "
-        f"trained ({out / 'checkpoint.pth'} is the last good checkpoint): lower --blr (it is 1e+30), check "
-        f"--precision and that the answers fit --max_seq_len")
+        f"error: the loss was NaN or inf at every step since step 2 (4 steps), and a skipped step changes nothing: "
+        f"the run would not recover ({out / 'checkpoint.pth'} is the last good checkpoint); lower --blr (it is "
+        f"1e+30), check --precision and that the answers fit --max_seq_len")
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
     assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert not (out / "results.json").exists()
@@ -102,8 +106,8 @@ def test_adapters_that_are_not_finite_are_never_saved(tmp_path, tiny_set):
 
 def test_a_test_question_too_long_is_skipped_and_counted_not_fatal(tmp_path, tiny_set):
     """One test problem longer than max_seq_len: train.py's evaluation at the end and sample.py --run
-    both finish, warn naming its problem id, and count it unparsed. Planted: the skip in
-    evaluate.evaluate removed (generate.ContextTooLong, `prompt 0 takes ...`, stopped both)."""
+    both finish, warn (one whole line) naming its problem id, and count it unparsed. Planted: the
+    skip in evaluate.evaluate removed (generate.ContextTooLong, `prompt 0 takes ...`, stopped both)."""
     import json
     import re
     import shutil
@@ -120,11 +124,10 @@ def test_a_test_question_too_long_is_skipped_and_counted_not_fatal(tmp_path, tin
     r = run_cli("--dataset", "shapes", "--data_path", str(root), "--output_dir", str(out), "--max_steps", "1",
                 "--batch_size", "4", "--effective_batch", "8", "--eval_batch_size", "18")
     assert r.returncode == 0, r.stderr[-2000:]
-    warned = [line for line in r.stderr.split("\n") if "were skipped (counted unparsed)" in line]  # tqdm's \r stays
-    # the whole line, and only it: a warning ends its line (planted: plain_warnings without its "\n")
+    warned = [line for line in r.stderr.split("\n") if "and were skipped" in line]  # tqdm's \r stays
     assert len(warned) == 1 and re.fullmatch(rf"warning: 1 prompt\(s\) of shapes/test take max_seq_len=256 positions "
-                                             rf"or more and were skipped \(counted unparsed\): problem {pid} \(\d+\)",
-                                             warned[0]), warned
+                                             rf"or more and were skipped, answered with an empty text \(unparsed in "
+                                             rf"ScienceQA's table\): problem {pid} \(\d+\)", warned[0]), warned
     result = json.loads((out / "results.json").read_text())
     assert json.loads((out / "preds.json").read_text())[pid] == -1 and result["unparsed"] >= 1 and result["n"] == 18
     s = subprocess.run([sys.executable, "sample.py", "--run", str(out)], cwd=ROOT, capture_output=True, text=True,
@@ -159,9 +162,12 @@ def test_ctrl_c_in_the_evaluation_at_the_end_says_how_to_finish_it(tmp_path, tin
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == (
-        f"interrupted during the evaluation: the trained adapters are saved in {out / 'adapters.pth'}; finish the "
-        f"evaluation with  python sample.py --run {out}")
+        f"interrupted during the evaluation: the trained adapters are saved in {out / 'adapters.pth'}; finish it "
+        f"with  python sample.py --run {out} --dataset shapes --data_path {tiny_set} --split test --output_dir {out}")
     assert (out / "adapters.pth").exists() and not (out / "results.json").exists()
+    command = err.strip().splitlines()[-1].split("finish it with  ")[1].split()  # and it does
+    r = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (out / "results.json").exists() and (out / "preds.json").exists(), r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py"])
@@ -186,3 +192,49 @@ def test_help_shows_each_flag_once_with_its_real_choices(script):
     if script == "sample.py":
         for shown in ("--dataset {scienceqa,shapes,mme,alpaca,coco}", "--bits {16,8,4}", "--image_mode {lavin,clip}"):
             assert shown in r.stdout
+
+
+def test_a_lone_skipped_step_is_no_reason_to_stop(tmp_path, tiny_set):
+    """One NaN step (a batch whose answers the cut removed) just before a checkpoint does not stop
+    a run; an epoch of them does, and so does a run of nothing else at its end. Planted: the
+    streak counted since the last checkpoint only (--save_interval 1 then stopped healthy runs)."""
+    import train
+    from checkpoint import unusable
+    from tests.helpers import config
+
+    run = train.setup(resolve(config(tiny_set, tmp_path / "out")), 0, 1, torch.device("cpu"))  # 3 steps an epoch
+    run.step, run.nan_streak = 4, 1
+    assert unusable(run) == ""
+    run.nan_streak = 2
+    assert unusable(run) == ""
+    run.nan_streak = 3
+    assert unusable(run).startswith("the loss was NaN or inf at every step since step 1 (3 steps)")
+    run.step = run.stop = run.nan_streak = 2  # a two-step run, both skipped
+    assert unusable(run).startswith("the loss was NaN or inf at every step since step 0 (2 steps)")
+
+
+def test_a_picture_over_the_pixel_limit_is_refused_when_the_images_are_checked(tmp_path, tiny_set, monkeypatch):
+    """A valid 100-Mpixel PNG (1-bit, 12 MB): Pillow only warns below twice its limit, so verify()
+    passed it and the DataLoader refused it hours later. Checked up front now, with the same rule
+    as clip.load_image; Image.MAX_IMAGE_PIXELS = None (Pillow's way to lift the limit) lifts it.
+    Planted: check_images with plain Image.open; open_checked without its None guard."""
+    import shutil
+
+    from PIL import Image
+
+    import clip
+    import train
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_set, root)
+    problems = json.loads((root / "problems.json").read_text())
+    pid = next(p for p in json.loads((root / "pid_splits.json").read_text())["train"] if problems[p]["image"])
+    big = root / "images" / "train" / pid / "image.png"
+    Image.new("1", (10_000, 10_000)).save(big)
+    ds = data.build_dataset("shapes", str(root), "train", Tokenizer(tiny_set / "tokenizer.model"), prompt_format="QCM-A")
+    with pytest.raises(UsageError, match=rf"sample {pid}, .*DecompressionBombError: 10000x10000 pixels, more than "
+                                         r"Pillow's decompression-bomb limit of 89478485"):
+        train.check_images(ds, False, 0, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with clip.open_checked(big) as im:
+        assert im.size == (10_000, 10_000)
