@@ -105,8 +105,8 @@ PRESETS = {  # the paper's recipes, then the laptop ones
     # train + restval (566k), 2 epochs, captions are short
     "caption": Preset(dict(dataset="coco", llama_path=WEIGHTS["7B"], clip_path=CLIP, epochs=2, warmup_epochs=0.2,
                            max_seq_len=128, temperature=10.0), "lavin-7b"),
-    # The paper's recipes on today's backbones, in Meta's or Hugging Face's layout: LLaMA-3.1-8B, Mistral-7B,
-    # and the chatbot's on LLaMA-3.1-8B-Instruct (in the role Vicuna plays); the lavin-7b settings otherwise
+    # The paper's recipes on today's backbones: LLaMA-3.1-8B (Meta's or Hugging Face's layout), Mistral-7B
+    # (Hugging Face's), and the chatbot's on LLaMA-3.1-8B-Instruct (in the role Vicuna plays)
     "lavin-llama3-8b": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["llama3.1-8b"], clip_path=CLIP,
                                    temperature=10.0), "lavin-llama3-8b"),
     "lavin-mistral-7b": Preset(dict(dataset="scienceqa", llama_path=WEIGHTS["mistral-7b"], clip_path=CLIP,
