@@ -141,8 +141,8 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> t
     grad_norm = torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"]
                                                if p.grad is not None])
     # NaN when there is nothing to learn from (every answer truncated away); one host sync per step
-    loss_value, norm = torch.stack([torch.where(n_tokens > 0, all_sum(loss_sum) / n_tokens.clamp(min=1),
-                                                float("nan")), grad_norm.float()]).tolist()
+    loss_value, norm, n_read = torch.stack([torch.where(n_tokens > 0, all_sum(loss_sum) / n_tokens.clamp(min=1),
+                                                        float("nan")), grad_norm.float(), counts[1]]).tolist()
     if math.isfinite(loss_value):
         if scaler:
             scaler.step(opt)
@@ -152,7 +152,7 @@ def train_step(ddp, micro: list, opt, scaler, autocast, device, world: int) -> t
     elif scaler:  # as GradScaler does on an overflow: back off the scale
         scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
     opt.zero_grad(set_to_none=True)
-    return loss_value, norm, int(counts[1].item())
+    return loss_value, norm, int(n_read)
 
 
 # ----------------------------------------------------------------------------- the run
