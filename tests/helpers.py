@@ -355,9 +355,10 @@ def run_cli(*args, nproc=0, timeout=120):
 
 def run_two(out: Path, *args):
     """train.py under torchrun with 2 Gloo processes into out, which must succeed. torchrun's launch
-    failed once in ~10 suite runs, and a process now and then aborts at exit: it gets one more try."""
+    failed once in ~10 suite runs: it gets one more try. A process that aborts (a C++ terminate, as
+    at exit before train.drop_ddp) is a bug of ours and gets none."""
     r = run_cli(*args, "--output_dir", str(out), nproc=2)
-    if r.returncode != 0:
+    if r.returncode != 0 and "terminate called" not in r.stderr:
         warnings.warn(f"torchrun failed, retrying once:\n{r.stderr[-3000:]}")  # and show why
         shutil.rmtree(out, ignore_errors=True)
         r = run_cli(*args, "--output_dir", str(out), nproc=2)
