@@ -215,7 +215,8 @@ def drop_ddp(run: Run):
     interpreter exit, a Gloo worker thread that then needs the GIL is ended by Python and the process
     aborts ("terminate called without an active exception", SIGABRT) after a finished run (a
     two-process DDP script did in 7 of 30 runs with torch 2.13 on the CPU). An exception on its way
-    out holds the wrapper in its frames too (as sys.last_traceback keeps an uncaught one)."""
+    out holds the wrapper in its frames too (as sys.last_traceback keeps an uncaught one). Not the
+    only cause: a rank still aborted so once in a whole suite, in none of 113 such runs outside it."""
     run.ddp = run.model
     e = sys.exc_info()[1]
     while e is not None:  # and the exceptions it was raised from (an OOM in DDP's forward, say)

@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules; the builders they use: helpers.py."""
 import io
+import os
 import signal
 import types
 from pathlib import Path
@@ -21,7 +22,10 @@ def pytest_configure(config):
     """The tests run on the threads the entry points choose (runtime.cpu_threads). A suite started
     as a background job (`python -m pytest &`) inherits SIGINT ignored, and so would every child
     it starts, which then could not be stopped by the SIGINT the tests send: Python's own handler
-    back here, and a child, after exec, starts with the default action."""
+    back here, and a child, after exec, starts with the default action. A child that dies of a
+    signal (an abort at exit, a segfault) prints every thread's Python stack (PYTHONFAULTHANDLER),
+    so the failure it causes says where."""
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     cpu_threads(torch.device("cpu"))
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
